@@ -1,0 +1,56 @@
+"""Batches as passes see them.
+
+``data`` is any re-iterable (a list, a DataLoader) whose items are a tensor, a tuple of input
+tensors, or an ``(inputs, labels)`` pair whose labels are a 1-D integer tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+
+def split_batch(item: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """``(inputs_tuple, labels_or_None)`` of one batch."""
+    if isinstance(item, torch.Tensor):
+        return (item,), None
+    if isinstance(item, dict):
+        raise DataError("dict batches are not supported; give (inputs, labels) tuples")
+    if isinstance(item, (list, tuple)) and item:
+        if (
+            len(item) == 2
+            and isinstance(item[1], torch.Tensor)
+            and item[1].dim() == 1
+            and not item[1].is_floating_point()
+        ):
+            inputs = item[0]
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            return inputs, item[1]
+        if all(isinstance(t, torch.Tensor) for t in item):
+            return tuple(item), None
+    raise DataError(
+        f"a batch must be a tensor, a tuple of tensors or (inputs, labels); got {type(item).__name__}"
+    )
+
+
+def iter_batches(data: Any) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+    if data is None:
+        raise DataError("this pass needs data: pass data=batches (CLI: --data NAME)")
+    try:
+        it = iter(data)
+    except TypeError:
+        raise DataError(f"data must be re-iterable batches, got {type(data).__name__}") from None
+    for item in it:
+        yield split_batch(item)
+
+
+def first_batch(data: Any) -> tuple[torch.Tensor, ...] | None:
+    if data is None:
+        return None
+    for inputs, _ in iter_batches(data):
+        return inputs
+    return None

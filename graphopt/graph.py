@@ -1,0 +1,201 @@
+"""The Graph: a torch.fx ``GraphModule`` plus the example inputs it was traced with, typed
+per-node metadata and a cache of analyses.
+
+Node metadata lives in ``node.meta["graphopt"]`` as a :class:`NodeMeta`; passes read and
+extend it (a fusion appends the fused module's path to ``provenance``) instead of setting
+ad-hoc attributes on nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+META_KEY = "graphopt"
+
+
+@dataclass
+class TensorInfo:
+    """Shape and dtype of one tensor value."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorInfo:
+        return cls(tuple(int(s) for s in t.shape), str(t.dtype).replace("torch.", ""))
+
+
+@dataclass
+class NodeMeta:
+    """What graphopt knows about one FX node.
+
+    ``outputs`` holds one :class:`TensorInfo` per tensor the node produces (a tuple-returning
+    node has several, a non-tensor node none). ``module_path`` is the path of the user's module
+    that created the node (for ``call_module`` its target, otherwise the innermost module whose
+    ``forward`` made the call). ``provenance`` lists the original module paths merged into this
+    node by fusions; ``leaf`` marks opaque leaf modules whose channels passes must not touch.
+    """
+
+    module_path: str | None = None
+    module_type: str | None = None
+    outputs: list[TensorInfo] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
+    leaf: bool = False
+    source: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return self.outputs[0].shape if len(self.outputs) == 1 else None
+
+    @property
+    def dtype(self) -> str | None:
+        return self.outputs[0].dtype if len(self.outputs) == 1 else None
+
+
+def node_meta(node: fx.Node) -> NodeMeta:
+    """The :class:`NodeMeta` of ``node``, created empty if a pass added the node without one."""
+    meta = node.meta.get(META_KEY)
+    if meta is None:
+        meta = NodeMeta()
+        node.meta[META_KEY] = meta
+    return meta
+
+
+# name -> function(graph) -> value; analyses register here and are cached per Graph.
+_ANALYSES: dict[str, Callable[[Graph], Any]] = {}
+
+
+def register_analysis(name: str) -> Callable[[Callable[[Graph], Any]], Callable[[Graph], Any]]:
+    """Register ``fn(graph)`` as the analysis ``name``, computed on demand and cached."""
+
+    def deco(fn: Callable[[Graph], Any]) -> Callable[[Graph], Any]:
+        _ANALYSES[name] = fn
+        return fn
+
+    return deco
+
+
+class Graph:
+    """A traced model that passes rewrite in place.
+
+    Attributes:
+        module: the ``torch.fx.GraphModule``; runnable like the original model.
+        example_inputs: the tuple of tensors it was traced and shape-propagated with.
+    """
+
+    def __init__(self, module: fx.GraphModule, example_inputs: Iterable[torch.Tensor]):
+        self.module = module
+        self.example_inputs = tuple(example_inputs)
+        self._analyses: dict[str, Any] = {}
+
+    # -- running -------------------------------------------------------------------------------
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self.module(*inputs)
+
+    @property
+    def fx_graph(self) -> fx.Graph:
+        return self.module.graph
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return list(self.module.graph.nodes)
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.module.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r} in the graph")
+
+    def meta(self, node: fx.Node) -> NodeMeta:
+        return node_meta(node)
+
+    def submodule(self, path: str) -> torch.nn.Module:
+        return self.module.get_submodule(path)
+
+    # -- keeping the module consistent ------------------------------------------------------------
+    def recompile(self) -> None:
+        """Lint the FX graph and regenerate the module's code."""
+        self.module.graph.lint()
+        self.module.recompile()
+
+    def propagate_shapes(self, inputs: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Run the module once on ``inputs`` (the example inputs by default), recording every
+        node's output shapes and dtypes in its :class:`NodeMeta`."""
+        with torch.no_grad():
+            _ShapeRecorder(self.module).run(
+                *(inputs if inputs is not None else self.example_inputs)
+            )
+
+    # -- analyses -----------------------------------------------------------------------------------
+    def analysis(self, name: str) -> Any:
+        """The cached result of the registered analysis ``name`` (computed on first use)."""
+        if name not in self._analyses:
+            if name not in _ANALYSES:
+                _load_builtin_analyses()
+            if name not in _ANALYSES:
+                raise KeyError(f"unknown analysis {name!r}; known: {', '.join(sorted(_ANALYSES))}")
+            self._analyses[name] = _ANALYSES[name](self)
+        return self._analyses[name]
+
+    def invalidate(self, preserve: Iterable[str] = ()) -> None:
+        """Drop cached analyses except those named in ``preserve``."""
+        keep = set(preserve)
+        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+
+    # -- copying ----------------------------------------------------------------------------------
+    def copy(self) -> Graph:
+        """A deep copy: module, parameters, node metadata; analyses are not copied."""
+        return Graph(copy.deepcopy(self.module), tuple(t.clone() for t in self.example_inputs))
+
+    def __repr__(self) -> str:
+        n = sum(1 for _ in self.module.graph.nodes)
+        return f"Graph({type(self.module).__name__}, {n} nodes)"
+
+
+def _load_builtin_analyses() -> None:
+    from . import cost  # noqa: F401  (registers "cost")
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.args_shapes = [a for a in args if isinstance(a, torch.Tensor)]
+        return super().run(*args, **kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            from .errors import DataError
+
+            meta = node_meta(n)
+            where = f" (module {meta.module_path!r})" if meta.module_path else ""
+            shapes = ", ".join(str(tuple(t.shape)) for t in self.args_shapes)
+            raise DataError(
+                f"node {n.name!r}{where} failed on inputs of shape {shapes}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                "check the input shape (CLI: --input-shape)"
+            ) from e
+        meta = node_meta(n)
+        meta.outputs = [TensorInfo.of(t) for t in _tensors_in(result)]
+        return result
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        out: list[torch.Tensor] = []
+        for v in value:
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+        return out
+    return []

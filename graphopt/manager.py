@@ -1,0 +1,403 @@
+"""The pass manager: a parsed pipeline that runs passes, verifies between them and reports.
+
+Between passes (when a pass says it modified the graph): ``graph.lint()``, recompile, shape
+propagation, and a numeric check on a fixed batch. An **exact** pass must keep every output
+within ``max|a-b| <= atol + rtol*max|b|`` of the outputs before it, else a
+:class:`VerificationError` names the pass and the first diverging node; a **lossy** pass gets
+drift metrics against the previous stage and against the traced model. A pass that raises is
+re-raised as :class:`PassFailure` naming the pass and the pipeline so far; with a dump
+directory a reproducer (graph before the pass, inputs, pipeline text) is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .atomic import write_text
+from .data import first_batch
+from .errors import GraphoptError, PassContractError, PassFailure, VerificationError
+from .graph import Graph, node_meta
+from .instruments import DumpDir, Instrument, Timing
+from .metrics import drift, flatten_outputs, within
+from .options import Raw, build_options, fields_of, format_value, text_name
+from .pass_api import Pass, PassContext, PassResult
+from .pipeline_text import parse_items
+from .registry import REGISTRY, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassSpec:
+    """One pipeline entry: the pass class, its typed options and which options were written."""
+
+    cls: type[Pass]
+    options: Any
+    given: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    def __str__(self) -> str:
+        if not self.given:
+            return self.name
+        parts = [f"{text_name(k)}={format_value(getattr(self.options, k))}" for k in self.given]
+        return f"{self.name}({','.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PassSpec) and str(self) == str(other)
+
+    def instantiate(self) -> Pass:
+        return self.cls(self.options)
+
+
+@dataclass
+class PassReport:
+    index: int
+    name: str
+    spec: str
+    exact: bool
+    modified: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)
+    drift_total: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    verified: bool = False
+
+    @property
+    def summary(self) -> str:
+        return str(self.details.get("summary", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PipelineResult:
+    graph: Graph
+    pipeline: str
+    reports: list[PassReport]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "seconds": self.seconds,
+            "passes": [r.to_dict() for r in self.reports],
+        }
+
+    def summary(self) -> str:
+        """A readable table: one row per pass."""
+        from .table import render
+
+        rows = []
+        for r in self.reports:
+            d = r.drift
+            rows.append(
+                [
+                    str(r.index),
+                    r.spec,
+                    "exact" if r.exact else "lossy",
+                    "yes" if r.modified else "no",
+                    f"{r.seconds * 1000:.0f}",
+                    f"{r.params:,}",
+                    f"{d['max_abs']:.2e}" if "max_abs" in d else "-",
+                    f"{d['cosine']:.5f}" if "cosine" in d else "-",
+                    f"{d['top1']:.3f}" if "top1" in d else "-",
+                    r.summary,
+                ]
+            )
+        head = ["#", "pass", "kind", "changed", "ms", "params", "max|Δ|", "cosine", "top-1", "what"]
+        return render(head, rows)
+
+
+def _count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Pipeline:
+    """An ordered list of :class:`PassSpec`. ``Pipeline.parse(text)``; ``str(p)`` prints it."""
+
+    def __init__(self, specs: Sequence[PassSpec]):
+        self.specs = list(specs)
+
+    @classmethod
+    def parse(cls, text: str, registry: Registry | None = None) -> Pipeline:
+        reg = registry or REGISTRY
+        specs = []
+        for item in parse_items(text):
+            pcls = reg.get(item.name)
+            options = build_options(item.name, pcls.Options, item.options)
+            names = {text_name(f.name): f.name for f in fields_of(pcls.Options)}
+            given = tuple(names.get(k, names.get(text_name(k), k)) for k in item.options)
+            specs.append(PassSpec(pcls, options, given))
+        return cls(specs)
+
+    @classmethod
+    def of(cls, *passes: Pass | type[Pass]) -> Pipeline:
+        """A pipeline from pass instances or classes (options given in Python)."""
+        specs = []
+        for p in passes:
+            inst = p() if isinstance(p, type) else p
+            defaults = type(inst).Options()
+            given = tuple(
+                f.name
+                for f in fields_of(type(inst).Options)
+                if getattr(inst.options, f.name) != getattr(defaults, f.name)
+            )
+            specs.append(PassSpec(type(inst), inst.options, given))
+        return cls(specs)
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.specs)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and str(self) == str(other)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    # -- running --------------------------------------------------------------------------------
+    def run(
+        self,
+        graph: Graph,
+        data: Any = None,
+        *,
+        instruments: Iterable[Instrument] = (),
+        teacher: Graph | None = None,
+        out_dir: str | Path | None = None,
+        dump_dir: str | Path | None = None,
+        verify: bool = True,
+        rtol: float = 1e-4,
+        atol: float = 1e-6,
+        progress=None,
+        seed: int = 0,
+    ) -> PipelineResult:
+        """Run every pass on ``graph`` (in place) and return the result with per-pass reports."""
+        if not isinstance(graph, Graph):
+            raise TypeError(
+                f"Pipeline.run expects a graphopt.Graph, got {type(graph).__name__}; "
+                "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
+            )
+        timing = Timing()
+        instr: list[Instrument] = [timing, *instruments]
+        dump = DumpDir(dump_dir) if dump_dir is not None else None
+        if dump is not None:
+            instr.append(dump)
+        ctx = PassContext(
+            data=data,
+            teacher=teacher if teacher is not None else graph.copy(),
+            out_dir=Path(out_dir) if out_dir is not None else None,
+            seed=seed,
+            pipeline_text=str(self),
+        )
+        if progress is not None:
+            ctx.progress = progress
+
+        ref_inputs = graph.example_inputs
+        batch = first_batch(data) if data is not None else None
+        if batch is not None:
+            ref_inputs = tuple(t[:64] for t in batch)
+        original_out = _forward(graph, ref_inputs) if verify else None
+        prev_out = original_out
+        reports: list[PassReport] = []
+        t_start = time.perf_counter()
+        for index, spec in enumerate(self.specs, start=1):
+            p = spec.instantiate()
+            before = graph.copy() if (verify and p.exact) or dump is not None else None
+            for ins in instr:
+                ins.before_pass(p, graph, index - 1)
+            t0 = time.perf_counter()
+            try:
+                result = p.run(graph, ctx)
+                if not isinstance(result, PassResult):
+                    raise PassContractError(
+                        f"pass {p.name!r} returned {type(result).__name__}, not a PassResult; "
+                        "return PassResult(modified=..., report=...)"
+                    )
+            except Exception as e:
+                for ins in instr:
+                    ins.on_failure(p, graph, index, e)
+                so_far = ",".join(str(s) for s in self.specs[:index])
+                repro = _write_reproducer(dump, before, so_far, ref_inputs) if dump else None
+                if isinstance(e, GraphoptError) and not isinstance(e, PassContractError):
+                    msg = f"pass {p.name!r} failed: {e}"
+                else:
+                    msg = f"pass {p.name!r} failed: {type(e).__name__}: {e}"
+                msg += f" (pipeline so far: {so_far})"
+                if repro:
+                    msg += f"; reproducer written to {repro}"
+                raise PassFailure(msg, p.name, so_far, repro) from e
+            seconds = time.perf_counter() - t0
+            report = PassReport(
+                index=index,
+                name=p.name,
+                spec=str(spec),
+                exact=p.exact,
+                modified=result.modified,
+                seconds=seconds,
+                details=result.report,
+            )
+            if result.modified:
+                graph.invalidate(p.preserves)
+                _check_structure(graph, p)
+                if verify:
+                    out = _forward(graph, ref_inputs)
+                    if p.exact:
+                        if not within(out, prev_out, rtol, atol):
+                            raise _divergence(
+                                p, before, graph, ref_inputs, rtol, atol, out, prev_out
+                            )
+                        report.verified = True
+                    report.drift = drift(out, prev_out)
+                    report.drift_total = drift(out, original_out)
+                    prev_out = out
+            report.params = _count_params(graph.module)
+            for ins in instr:
+                ins.after_pass(p, graph, report)
+            report.seconds = next(
+                (t for i, _, t in reversed(timing.timings) if i == index), seconds
+            )
+            reports.append(report)
+            log.info("pass %s: %s (%.3fs)", report.spec, report.summary or "done", report.seconds)
+        return PipelineResult(graph, str(self), reports, time.perf_counter() - t_start)
+
+
+def _forward(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = graph.module(*inputs)
+    return _detach(out)
+
+
+def _detach(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (list, tuple)):
+        vals = [_detach(o) for o in out]
+        return type(out)(*vals) if hasattr(out, "_fields") else type(out)(vals)
+    if isinstance(out, dict):
+        return {k: _detach(v) for k, v in out.items()}
+    return out
+
+
+def _check_structure(graph: Graph, p: Pass) -> None:
+    try:
+        graph.recompile()
+    except Exception as e:
+        raise VerificationError(
+            f"pass {p.name!r} left an invalid graph: {e}", pass_name=p.name
+        ) from e
+    try:
+        graph.propagate_shapes()
+    except GraphoptError as e:
+        raise VerificationError(
+            f"pass {p.name!r} left a graph that no longer runs: {e}", pass_name=p.name
+        ) from e
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        v = super().run_node(n)
+        if isinstance(v, torch.Tensor):
+            self.values[n.name] = v.detach()
+        return v
+
+
+def _record(graph: Graph, inputs) -> dict[str, Any]:
+    rec = _Recorder(graph.module)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rec.run(*inputs)
+    return rec.values
+
+
+def first_divergence(
+    before: Graph, after: Graph, inputs, rtol: float, atol: float
+) -> fx.Node | None:
+    """The first node of ``after`` (in order) whose value differs from the same-named node of
+    ``before`` beyond tolerance, or ``None``."""
+    old = _record(before, inputs)
+    new = _record(after, inputs)
+    for n in after.module.graph.nodes:
+        a, b = new.get(n.name), old.get(n.name)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        if not within(a, b, rtol, atol):
+            return n
+    return None
+
+
+def _divergence(p, before, graph, inputs, rtol, atol, out, prev_out) -> VerificationError:
+    d = drift(out, prev_out)
+    node = first_divergence(before, graph, inputs, rtol, atol) if before is not None else None
+    where = ""
+    if node is not None:
+        path = node_meta(node).module_path
+        where = f"; first diverging node {node.name!r}" + (f" (module {path!r})" if path else "")
+    return VerificationError(
+        f"exact pass {p.name!r} changed the outputs (max|Δ|={d.get('max_abs', float('nan')):.3e}, "
+        f"rel={d.get('rel', float('nan')):.3e} > rtol={rtol:g}){where}",
+        pass_name=p.name,
+        node=node.name if node is not None else None,
+    )
+
+
+def _write_reproducer(dump: DumpDir, before: Graph | None, so_far: str, inputs) -> Path | None:
+    if before is None:
+        return None
+    d = dump.dir / "reproducer"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(before.module, d / "graph.pt")
+    except Exception as e:  # pragma: no cover - unpicklable custom modules
+        log.warning("could not save the reproducer graph: %s", e)
+    torch.save(tuple(inputs), d / "inputs.pt")
+    write_text(d / "pipeline.txt", so_far + "\n")
+    write_text(d / "graph.py", before.module.code)
+    return d
+
+
+def compress(
+    model_or_graph: torch.nn.Module | Graph,
+    pipeline: str | Pipeline,
+    example_inputs: Any = None,
+    data: Any = None,
+    leaf_modules: Iterable[Any] = (),
+    **run_kwargs: Any,
+) -> PipelineResult:
+    """One call: trace (if given a module), parse the pipeline, run it."""
+    from .tracing import trace
+
+    if isinstance(model_or_graph, Graph):
+        graph = model_or_graph.copy()
+    else:
+        if example_inputs is None:
+            batch = first_batch(data)
+            if batch is None:
+                raise GraphoptError("compress() needs example_inputs (or data to take them from)")
+            example_inputs = tuple(t[:1] for t in batch)
+        graph = trace(model_or_graph, example_inputs, leaf_modules=leaf_modules)
+    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
+    return pipe.run(graph, data=data, **run_kwargs)
+
+

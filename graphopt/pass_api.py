@@ -1,0 +1,122 @@
+"""The pass contract.
+
+A pass is a class with a registered ``name``, an ``Options`` dataclass, a flag saying whether
+it is **exact** (outputs unchanged within float tolerance) or lossy, the analyses it
+``preserves``, and ``run(graph, ctx) -> PassResult``. It rewrites the Graph it is given in
+place; the manager owns that Graph, so the user's model is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .options import NoOptions
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: whether it changed the graph, and a JSON-able report.
+
+    ``report["summary"]``, when present, is the one-line description shown in tables.
+    """
+
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _no_progress(iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
+    return iterable
+
+
+@dataclass
+class PassContext:
+    """What the manager hands every pass.
+
+    Attributes:
+        data: a re-iterable of batches (tensors or ``(inputs, labels)`` tuples), or ``None``.
+        teacher: the Graph as it was traced (a copy), for distillation.
+        out_dir: where a pass may write artefacts (e.g. a pruning plan), or ``None``.
+        progress: ``progress(iterable, desc, total)`` wraps long loops; the CLI shows a bar.
+        seed: the seed passes use for anything random.
+        pipeline_text: the whole pipeline being run.
+    """
+
+    data: Any = None
+    teacher: Graph | None = None
+    out_dir: Path | None = None
+    progress: Callable[..., Iterable] = _no_progress
+    seed: int = 0
+    pipeline_text: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self) -> Iterator[tuple[Any, Any]]:
+        """Iterate ``(inputs_tuple, labels_or_None)`` over ``data``."""
+        from .data import iter_batches
+
+        return iter_batches(self.data)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name``, ``exact``, ``Options`` and ``run``."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+    preserves: ClassVar[frozenset[str]] = frozenset()
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None):
+        if options is None:
+            options = self.Options()
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{self.name}: options must be {self.Options.__name__}")
+        self.options = options
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name} {dataclasses.asdict(self.options)}>"
+
+
+def function_pass(
+    fn: Callable[..., PassResult],
+    name: str,
+    exact: bool,
+    options: type = NoOptions,
+    preserves: Iterable[str] = (),
+) -> type[Pass]:
+    """Wrap ``fn(graph, ctx, options) -> PassResult`` into a :class:`Pass` subclass."""
+
+    def run(self: Pass, graph: Graph, ctx: PassContext) -> PassResult:
+        return fn(graph, ctx, self.options)
+
+    cls = type(
+        f"FunctionPass_{name.replace('-', '_')}",
+        (Pass,),
+        {
+            "name": name,
+            "exact": exact,
+            "Options": options,
+            "preserves": frozenset(preserves),
+            "run": run,
+            "__doc__": fn.__doc__,
+            "__module__": fn.__module__,
+        },
+    )
+    return cls

@@ -1,0 +1,155 @@
+"""Where passes are found: the built-in list, plug-ins from the ``graphopt.passes`` entry-point
+group, and passes registered at run time with :func:`register_pass`.
+
+Built-ins are imported explicitly (``graphopt.passes.builtin_passes()``); nothing registers
+itself as a side effect of being imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+from .errors import UnknownPassError
+from .options import NoOptions
+from .pass_api import Pass, function_pass
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "graphopt.passes"
+
+
+class Registry:
+    """Name -> pass class, with the origin of each (``builtin``, ``plugin:<dist>``, ``user``)."""
+
+    def __init__(self) -> None:
+        self._passes: dict[str, type[Pass]] = {}
+        self._origin: dict[str, str] = {}
+        self._loaded = False
+
+    def add(self, cls: type[Pass], origin: str = "user", replace: bool = False) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise TypeError(f"{cls!r} is not a graphopt Pass subclass")
+        if not cls.name:
+            raise ValueError(f"pass class {cls.__name__} has no name")
+        if cls.name in self._passes and not replace and self._passes[cls.name] is not cls:
+            raise ValueError(
+                f"a pass named {cls.name!r} is already registered "
+                f"(from {self._origin[cls.name]}); choose another name"
+            )
+        self._passes[cls.name] = cls
+        self._origin[cls.name] = origin
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from graphopt.passes import builtin_passes
+
+        for cls in builtin_passes():
+            self.add(cls, "builtin", replace=True)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            origin = f"plugin:{ep.dist.name if ep.dist else ep.value}"
+            try:
+                obj = ep.load()
+            except Exception as e:
+                log.warning(
+                    "plug-in pass entry point %r (%s) failed to load: %s", ep.name, ep.value, e
+                )
+                continue
+            for cls in _pass_classes(obj):
+                if cls.name in self._passes and self._origin[cls.name] == "builtin":
+                    log.warning(
+                        "plug-in %s tries to replace built-in pass %r; ignored", origin, cls.name
+                    )
+                    continue
+                self.add(cls, origin, replace=True)
+
+    def get(self, name: str) -> type[Pass]:
+        self._ensure_loaded()
+        if name in self._passes:
+            return self._passes[name]
+        near = difflib.get_close_matches(name, list(self._passes), n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise UnknownPassError(f"unknown pass {name!r}{hint} (run 'graphopt passes' to list them)")
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._passes)
+
+    def origin(self, name: str) -> str:
+        self._ensure_loaded()
+        return self._origin[name]
+
+    def items(self) -> list[tuple[str, type[Pass]]]:
+        self._ensure_loaded()
+        return sorted(self._passes.items())
+
+    def reload(self) -> None:
+        """Forget plug-ins and built-ins and discover them again (user passes are kept)."""
+        user = {n: c for n, c in self._passes.items() if self._origin[n] == "user"}
+        self._passes, self._origin, self._loaded = {}, {}, False
+        self._ensure_loaded()
+        for cls in user.values():
+            self.add(cls, "user", replace=True)
+
+
+def _pass_classes(obj: Any) -> list[type[Pass]]:
+    if isinstance(obj, type) and issubclass(obj, Pass):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [c for o in obj for c in _pass_classes(o)]
+    if callable(obj):
+        return _pass_classes(obj())
+    raise TypeError(f"entry point object {obj!r} is neither a Pass subclass nor a list of them")
+
+
+REGISTRY = Registry()
+
+
+def register_pass(
+    arg: Any = None,
+    *,
+    name: str | None = None,
+    exact: bool = False,
+    options: type = NoOptions,
+    preserves: Iterable[str] = (),
+    registry: Registry | None = None,
+) -> Any:
+    """Register a pass class, or turn a function ``fn(graph, ctx, options)`` into one.
+
+    Usable as ``@register_pass`` on a :class:`Pass` subclass, or as
+    ``@register_pass(name="my-pass", exact=True, options=MyOptions)`` on a function.
+    """
+    reg = registry or REGISTRY
+
+    def deco(obj: Any) -> Any:
+        if isinstance(obj, type) and issubclass(obj, Pass):
+            if name:
+                obj.name = name
+            reg.add(obj, "user", replace=True)
+            return obj
+        if callable(obj):
+            cls = function_pass(
+                obj, name or obj.__name__.replace("_", "-"), exact, options, preserves
+            )
+            reg.add(cls, "user", replace=True)
+            return cls
+        raise TypeError(f"@register_pass cannot register {obj!r}")
+
+    if arg is None:
+        return deco
+    if isinstance(arg, str):
+        name = arg
+        return deco
+    return deco(arg)
+
+
+def get_pass(name: str) -> type[Pass]:
+    return REGISTRY.get(name)
+
+
+PassFactory = Callable[..., Pass]

@@ -1,0 +1,15 @@
+"""Built-in passes, installed as ``graphopt.passes``. One pass per module.
+
+:func:`builtin_passes` is the explicit list the registry loads; nothing registers itself on
+import.
+"""
+
+from __future__ import annotations
+
+
+def builtin_passes() -> list[type]:
+    from .dce import DeadCodeElimination
+    from .fold_bn import FoldBatchNorm
+    from .remove_identity import RemoveIdentity
+
+    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity]

@@ -11,7 +11,6 @@ directory a reproducer (graph before the pass, inputs, pipeline text) is written
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -28,8 +27,8 @@ from .data import first_batch
 from .errors import GraphoptError, PassContractError, PassFailure, VerificationError
 from .graph import Graph, node_meta
 from .instruments import DumpDir, Instrument, Timing
-from .metrics import drift, flatten_outputs, within
-from .options import Raw, build_options, fields_of, format_value, text_name
+from .metrics import drift, within
+from .options import build_options, fields_of, format_value, text_name
 from .pass_api import Pass, PassContext, PassResult
 from .pipeline_text import parse_items
 from .registry import REGISTRY, Registry
@@ -399,5 +398,3 @@ def compress(
         graph = trace(model_or_graph, example_inputs, leaf_modules=leaf_modules)
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
     return pipe.run(graph, data=data, **run_kwargs)
-
-

@@ -51,6 +51,7 @@ class NodeMeta:
     provenance: list[str] = field(default_factory=list)
     leaf: bool = False
     source: str | None = None
+    container: bool = False
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -154,7 +155,11 @@ class Graph:
     # -- copying ----------------------------------------------------------------------------------
     def copy(self) -> Graph:
         """A deep copy: module, parameters, node metadata; analyses are not copied."""
-        return Graph(copy.deepcopy(self.module), tuple(t.clone() for t in self.example_inputs))
+        gm = copy.deepcopy(self.module)
+        for n in gm.graph.nodes:  # FX copies node.meta shallowly; NodeMeta must not be shared
+            if META_KEY in n.meta:
+                n.meta[META_KEY] = copy.deepcopy(n.meta[META_KEY])
+        return Graph(gm, tuple(t.clone() for t in self.example_inputs))
 
     def __repr__(self) -> str:
         n = sum(1 for _ in self.module.graph.nodes)
@@ -186,6 +191,7 @@ class _ShapeRecorder(fx.Interpreter):
             ) from e
         meta = node_meta(n)
         meta.outputs = [TensorInfo.of(t) for t in _tensors_in(result)]
+        meta.container = isinstance(result, (list, tuple))
         return result
 
 

@@ -163,7 +163,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     s = str(value)
-    return s if _BARE.match(s) and s.lower() not in ("none",) else quote(s)
+    return s if _BARE.fullmatch(s) and s.lower() != "none" else quote(s)
 
 
 def option_help(options_cls: type) -> list[tuple[str, str, str, str]]:

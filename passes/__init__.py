@@ -10,6 +10,7 @@ from __future__ import annotations
 def builtin_passes() -> list[type]:
     from .dce import DeadCodeElimination
     from .fold_bn import FoldBatchNorm
+    from .prune import Prune
     from .remove_identity import RemoveIdentity
 
-    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity]
+    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune]

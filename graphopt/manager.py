@@ -198,9 +198,14 @@ class Pipeline:
         dump = DumpDir(dump_dir) if dump_dir is not None else None
         if dump is not None:
             instr.append(dump)
+        snapshot = (
+            graph.copy()
+            if teacher is None and any(s.cls.needs_teacher for s in self.specs)
+            else None
+        )
         ctx = PassContext(
             data=data,
-            teacher=teacher if teacher is not None else graph.copy(),
+            teacher_factory=(lambda: teacher) if teacher is not None else (lambda: snapshot),
             out_dir=Path(out_dir) if out_dir is not None else None,
             seed=seed,
             pipeline_text=str(self),

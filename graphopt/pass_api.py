@@ -44,7 +44,7 @@ class PassContext:
 
     Attributes:
         data: a re-iterable of batches (tensors or ``(inputs, labels)`` tuples), or ``None``.
-        teacher: the Graph as it was traced (a copy), for distillation.
+        teacher: the Graph as it was traced (copied lazily on first use), for distillation.
         out_dir: where a pass may write artefacts (e.g. a pruning plan), or ``None``.
         progress: ``progress(iterable, desc, total)`` wraps long loops; the CLI shows a bar.
         seed: the seed passes use for anything random.
@@ -52,12 +52,19 @@ class PassContext:
     """
 
     data: Any = None
-    teacher: Graph | None = None
+    teacher_factory: Callable[[], Graph] | None = None
     out_dir: Path | None = None
     progress: Callable[..., Iterable] = _no_progress
     seed: int = 0
     pipeline_text: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def teacher(self) -> Graph | None:
+        """The graph as it was traced (copied on first use), or the teacher given to run()."""
+        if "teacher" not in self.extras and self.teacher_factory is not None:
+            self.extras["teacher"] = self.teacher_factory()
+        return self.extras.get("teacher")
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
         """Iterate ``(inputs_tuple, labels_or_None)`` over ``data``."""
@@ -74,6 +81,7 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     preserves: ClassVar[frozenset[str]] = frozenset()
     needs_data: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # the manager then snapshots the graph before pass 1
 
     def __init__(self, options: Any = None):
         if options is None:

@@ -105,8 +105,10 @@ def _member_tensor(gm: fx.GraphModule, owner: str, param: str) -> torch.Tensor:
 
 
 def _slice_scores(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    x = t.detach().double().movedim(dim, 0).reshape(t.shape[dim], -1)
-    return (x.abs().pow(p)).sum(1).numpy()
+    """``Σ|x|^p`` over each slice of ``t`` along ``dim``."""
+    x = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
+    s = x.abs().sum(1) if p == 1 else x.square().sum(1)
+    return s.double().numpy()
 
 
 def unit_scores(

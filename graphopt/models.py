@@ -1,0 +1,249 @@
+"""Model specifications and named data sets, as the CLI takes them.
+
+``load_model(spec)`` accepts:
+
+* ``digits:vgg``: the bundled digits CNN (trained and cached on first use), input 1x1x8x8;
+* ``torchvision:NAME``: a torchvision model with random weights (nothing is downloaded);
+* ``pkg.module:factory``: an importable callable returning an ``nn.Module``;
+* ``path/to/file.py:factory``: the same, from a Python file;
+* ``path/to/model.pt``: a whole ``nn.Module`` saved with ``torch.save(model, path)``.
+
+Every failure raises :class:`~graphopt.errors.ModelSpecError` with one line saying what is
+wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import DataError, ModelSpecError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHAPE = (1, 3, 224, 224)
+SPEC_FORMS = "digits:vgg, torchvision:NAME, pkg.module:factory, path/file.py:factory, path/model.pt"
+_TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299)}
+_VIDEO_SHAPE = (1, 3, 16, 112, 112)
+_MODULE_FILE_SUFFIXES = (".pt", ".pth")
+
+
+def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    if not isinstance(text, str):
+        return tuple(int(d) for d in text)
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise DataError(f"input shape {text!r} is not a comma-separated list of integers") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise DataError(f"input shape {text!r} must be positive integers, e.g. 1,3,224,224")
+    return shape
+
+
+def example_inputs(shape: Sequence[int], seed: int = 0) -> tuple[torch.Tensor]:
+    """One random input of ``shape`` from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen),)
+
+
+def load_model(
+    spec: str, input_shape: str | Sequence[int] | None = None, progress: Callable | None = None
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``(model in eval mode, example inputs)`` for a model spec (see the module docstring).
+
+    ``input_shape`` overrides the spec's default input shape. ``progress`` wraps training
+    loops (only ``digits:vgg`` trains, on first use).
+    """
+    model, shape = _resolve(spec, progress)
+    if input_shape is not None:
+        shape = parse_shape(input_shape)
+    return model.eval(), example_inputs(shape)
+
+
+def _resolve(spec: str, progress: Callable | None) -> tuple[nn.Module, tuple[int, ...]]:
+    spec = spec.strip()
+    if spec.startswith("digits:"):
+        return _digits(spec.split(":", 1)[1], progress), (1, 1, 8, 8)
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1])
+    if spec.endswith(_MODULE_FILE_SUFFIXES):
+        return _saved_module(Path(spec)), DEFAULT_SHAPE
+    if ":" in spec:
+        where, factory = spec.rsplit(":", 1)
+        if where.endswith(".py"):
+            return _call_factory(spec, _import_file(Path(where)), factory), DEFAULT_SHAPE
+        if where and all(p.isidentifier() for p in where.split(".")):
+            return _call_factory(spec, _import_module(where), factory), DEFAULT_SHAPE
+    if spec.endswith(".py"):
+        raise ModelSpecError(f"model spec {spec!r} names a file but no factory; write {spec}:NAME")
+    raise ModelSpecError(f"cannot understand model spec {spec!r}; use one of: {SPEC_FORMS}")
+
+
+def _digits(name: str, progress: Callable | None) -> nn.Module:
+    if name != "vgg":
+        raise ModelSpecError(f"unknown digits model {name!r}; the bundled one is digits:vgg")
+    from .digits import pretrained_vgg
+
+    return pretrained_vgg(progress=progress)
+
+
+def _torchvision(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    try:
+        import torchvision
+    except ImportError:
+        raise ModelSpecError(
+            "torchvision:NAME needs torchvision: pip install torchvision"
+        ) from None
+    names = torchvision.models.list_models()
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean 'torchvision:{near[0]}'?" if near else ""
+        raise ModelSpecError(f"unknown torchvision model {name!r}{hint}")
+    kwargs: dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False  # scipy truncated-normal init is slow and pointless here
+    video = name in torchvision.models.list_models(module=torchvision.models.video)
+    shape = _VIDEO_SHAPE if video else _TORCHVISION_SHAPES.get(name, DEFAULT_SHAPE)
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception as e:
+        raise ModelSpecError(f"torchvision:{name} failed to build: {type(e).__name__}: {e}") from e
+    return model, shape
+
+
+def _saved_module(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ModelSpecError(f"model file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelSpecError(
+            f"cannot load {str(path)!r}: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ModelSpecError(
+            f"{str(path)!r} holds TorchScript, which cannot be traced; save the nn.Module itself "
+            "with torch.save(model, path) or use a factory (file.py:make)"
+        )
+    if isinstance(obj, dict):
+        raise ModelSpecError(
+            f"{str(path)!r} holds a state_dict, not a model: a .pt must hold a whole module "
+            "(torch.save(model, path)), or give a factory that builds it and loads the weights "
+            "(file.py:make)"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ModelSpecError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelSpecError(f"model file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    name = f"graphopt_user_{resolved.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise ModelSpecError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so pickling (model.pt) can find the module's classes
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ModelSpecError(
+            f"importing {str(path)!r} failed: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    return module
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            raise ModelSpecError(
+                f"cannot import module {name!r}: no module named {e.name!r} "
+                "(is it installed, or on PYTHONPATH?)"
+            ) from e
+        raise ModelSpecError(f"importing {name!r} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise ModelSpecError(
+            f"importing {name!r} failed: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+
+
+def _call_factory(spec: str, module: Any, factory: str) -> nn.Module:
+    obj = getattr(module, factory, None) if factory.isidentifier() else None
+    if obj is None:
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        near = difflib.get_close_matches(factory, public, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ModelSpecError(f"{spec}: {module.__name__!r} has no factory {factory!r}{hint}")
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelSpecError(f"{spec}: {factory!r} is a {type(obj).__name__}, not a callable")
+    try:
+        model = obj()
+    except Exception as e:
+        raise ModelSpecError(
+            f"{spec}: the factory raised {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"{spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclass
+class NamedData:
+    """A named data set as the CLI uses it: ``train`` batches feed the pipeline (calibration,
+    importance, training), ``test`` batches measure accuracy. Both are lists of
+    ``(inputs, labels)``."""
+
+    name: str
+    train: list
+    test: list
+    input_shape: tuple[int, ...]
+
+
+def _digits_data() -> NamedData:
+    from .digits import INPUT_SHAPE, load_digits_data
+
+    data = load_digits_data()
+    return NamedData("digits", data.batches("train"), data.batches("test"), INPUT_SHAPE)
+
+
+DATASETS: dict[str, Callable[[], NamedData]] = {"digits": _digits_data}
+
+
+def load_data(name: str) -> NamedData:
+    """The named data set (``--data NAME``)."""
+    if name not in DATASETS:
+        near = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise DataError(f"unknown data set {name!r}{hint} (known: {', '.join(sorted(DATASETS))})")
+    return DATASETS[name]()

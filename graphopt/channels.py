@@ -43,6 +43,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .graph import Graph, node_meta, register_analysis
+from .modules import SelfAttention
 
 log = logging.getLogger(__name__)
 
@@ -549,6 +550,8 @@ class ChannelAnalysis:
             self._lock_all(node, f"module {path!r} is called at {self._calls[path]} places")
             return True
         x = node.args[0] if node.args else None
+        if isinstance(mod, (nn.MultiheadAttention, SelfAttention)):
+            return self._attention(node, mod, path)
         if not isinstance(x, fx.Node) or len(node.args) != 1 or node.kwargs:
             if not isinstance(mod, _CONV + _CONVT + (nn.Linear,)) or node.kwargs:
                 return False
@@ -626,6 +629,64 @@ class ChannelAnalysis:
             self.member(path, "weight", 1, s, np.arange(s.size), "out")
             return True
         return False
+
+    def _attention(self, node: fx.Node, mod: nn.Module, path: str) -> bool:
+        """Self-attention (``nn.MultiheadAttention`` or :class:`SelfAttention`): the input width
+        is consumed by ``in_proj_weight``'s columns, the output width produced by
+        ``out_proj``'s rows, and a virtual per-head space (rows of q, k and v, columns of
+        ``out_proj``) is coupled head-wise, so whole heads are removed."""
+        args = list(node.args)
+        kw = dict(node.kwargs)
+        x = args[0] if args else kw.get("query")
+        others = args[1:3] + [kw.get("key"), kw.get("value")]
+        if not isinstance(x, fx.Node) or any(o is not None and o is not x for o in others):
+            return False  # cross-attention: keep it whole
+        if (
+            kw.get("need_weights", True) is not False
+            or kw.get("key_padding_mask") is not None
+            or len(args) > 3
+        ):
+            return False
+        if kw.get("attn_mask") is not None:
+            return False
+        if isinstance(mod, nn.MultiheadAttention):
+            if (
+                not mod._qkv_same_embed_dim
+                or mod.bias_k is not None
+                or mod.add_zero_attn
+                or mod.dropout
+            ):
+                return False
+            head_dim = mod.head_dim
+        else:
+            head_dim = mod.head_dim
+        batch_first = mod.batch_first
+        shape = self._shape(x)
+        if shape is None or len(shape) != 3:
+            return False
+        batch_dim = 0 if batch_first else 1
+        self.passthrough_dims(node, x, {batch_dim: batch_dim}, consumed=(2,), produced=(2,))
+        for d in (0, 1):
+            if d != batch_dim:
+                self.lock(self.space_at(x, d), f"{path}: attention mixes tokens")
+        in_s, out_s = self.space_at(x, 2), self.space_at(node, 2)
+        if in_s is None or out_s is None or len(in_s.dims) != 1 or len(out_s.dims) != 1:
+            self._lock_all(node, f"{path}: attention on a joint layout")
+            return True
+        inner = mod.in_proj_weight.shape[0] // 3
+        heads = self._new_space(f"{node.name}#heads", 0, (0,), (inner,), 0)
+        j = np.arange(inner)
+        self.couple(heads.base + j, heads.base + (j // head_dim) * head_dim)
+        self.member(path, "in_proj_weight", 1, in_s, np.arange(in_s.size), "in")
+        self.member(path, "in_proj_weight", 0, heads, np.tile(j, 3), "out")
+        if mod.in_proj_bias is not None:
+            self.member(path, "in_proj_bias", 0, heads, np.tile(j, 3), "out")
+        self.member(f"{path}.out_proj", "weight", 1, heads, j, "in")
+        self.member(f"{path}.out_proj", "weight", 0, out_s, np.arange(out_s.size), "out")
+        if mod.out_proj.bias is not None:
+            self.member(f"{path}.out_proj", "bias", 0, out_s, np.arange(out_s.size), "out")
+        self.rewrites.append(Rewrite(node.name, "attention", {"path": path, "head_dim": head_dim}))
+        return True
 
     def _conv(self, node, x, path, wshape, groups, has_bias, transpose) -> bool:
         in_s = self.space_at(x, 1)

@@ -38,6 +38,7 @@ from graphopt.atomic import write_json
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError, GraphoptError, OptionError
 from graphopt.graph import Graph, node_meta
+from graphopt.modules import SelfAttention
 from graphopt.pass_api import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -309,9 +310,12 @@ def plan_members(ca: ChannelAnalysis, removed: np.ndarray) -> list[dict[str, Any
 def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     """Slice the listed parameters of ``root`` and fix the touched modules' attributes."""
     depthwise = {}
+    attention: dict[str, int] = {}
     for e in members:
         mod = root.get_submodule(e["owner"]) if e["owner"] else root
         depthwise.setdefault(e["owner"], _is_depthwise(mod))
+        if isinstance(mod, nn.MultiheadAttention):
+            attention[e["owner"]] = mod.head_dim
     touched = []
     for e in members:
         mod = root.get_submodule(e["owner"]) if e["owner"] else root
@@ -324,7 +328,24 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     for owner in dict.fromkeys(touched):
         mod = root.get_submodule(owner) if owner else root
         fix_attributes(mod, depthwise.get(owner, False))
+    for owner, head_dim in attention.items():
+        _to_self_attention(root, owner, head_dim)
     return list(dict.fromkeys(touched))
+
+
+def _to_self_attention(root: nn.Module, path: str, head_dim: int) -> None:
+    """Swap a sliced ``nn.MultiheadAttention`` for :class:`SelfAttention` (free widths)."""
+    mod = root.get_submodule(path)
+    if not isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, SelfAttention):
+            mod.embed_in = mod.in_proj_weight.shape[1]
+            mod.embed_out = mod.out_proj.weight.shape[0]
+            mod.num_heads = mod.in_proj_weight.shape[0] // 3 // mod.head_dim
+        return
+    new = SelfAttention.from_mha(mod, head_dim)
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
 
 
 def _space_new_sizes(ca: ChannelAnalysis, removed: np.ndarray) -> dict[int, int]:
@@ -385,6 +406,8 @@ def rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray) 
                 node.args = tuple(args)
             else:
                 node.kwargs = {**node.kwargs, "normalized_shape": (shape[-1],)}
+        elif rw.kind == "attention":
+            _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
         elif rw.kind == "split":
             dim = rw.info["dim"]
             sizes = [

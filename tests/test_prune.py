@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError, GraphoptError, OptionError, PassFailure
+from graphopt.modules import SelfAttention
 from graphopt.passes.prune import apply_plan, remove_units, zero_unit_inputs
 
 
@@ -356,23 +357,56 @@ def test_norms_with_statistics_prune_consistently(norm):
     assert r.graph.module(X).shape == (2, 3)
 
 
-def test_mha_is_locked_but_mlp_prunes():
-    class Block(nn.Module):
+class AttentionBlock(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_heads_prune_exactly(batch_first):
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    ref, out, ca, g = zero_and_remove(AttentionBlock(batch_first), x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    attn = g.module.attn
+    assert isinstance(attn, SelfAttention)
+    assert attn.num_heads == 2 and attn.head_dim == 4  # whole heads removed, head width kept
+    assert g.module.fc1.out_features == 16
+
+
+def test_attention_width_and_heads_through_the_pass():
+    x = torch.randn(2, 5, 16)
+    g = graphopt.trace(AttentionBlock().eval(), x)
+    r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
+    attn = r.graph.module.attn
+    assert isinstance(attn, SelfAttention)
+    assert attn.embed_in == attn.embed_out == 16  # the residual stream is the model input: locked
+    assert attn.num_heads == 2
+    assert r.graph.module(x).shape == (2, 5, 3)
+
+
+def test_cross_attention_stays_whole():
+    class Cross(nn.Module):
         def __init__(self):
             super().__init__()
+            self.q = nn.Linear(16, 16)
             self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-            self.fc1 = nn.Linear(16, 32)
-            self.fc2 = nn.Linear(32, 16)
+            self.out = nn.Linear(16, 3)
 
         def forward(self, x):
-            x = x + self.attn(x, x, x, need_weights=False)[0]
-            return x + self.fc2(F.gelu(self.fc1(x)))
+            return self.out(self.attn(self.q(x), x, x, need_weights=False)[0])
 
-    x = torch.randn(2, 5, 16)
-    ref, out, ca, g = zero_and_remove(Block(), x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert g.module.fc1.out_features == 16
-    assert g.module.attn.embed_dim == 16
+    g = graphopt.trace(Cross().eval(), torch.randn(2, 5, 16))
+    ca = ChannelAnalysis(g)
+    assert not any("attn" in p for grp in ca.groups for p in grp.producers)
 
 
 # -- the pass ---------------------------------------------------------------------------------------------

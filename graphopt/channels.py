@@ -275,6 +275,7 @@ class ChannelAnalysis:
         self._n = 0
         self.lock_reasons: dict[int, str] = {}  # space id -> first reason
         self.stat_spaces: set[int] = set()  # spaces normalised by LayerNorm/GroupNorm statistics
+        self.size_pairs: list[tuple[int, int, str]] = []  # spaces whose sizes must stay equal
         self._calls: dict[str, int] = defaultdict(int)
         for n in self.gm.graph.nodes:
             if n.op == "call_module":
@@ -921,8 +922,22 @@ class ChannelAnalysis:
             else:
                 for s in in_spaces + out_spaces:
                     self.lock(s, f"{node.name}: many-to-many reshape")
+        self._size_constraints(node, target)
         self.rewrites.append(Rewrite(node.name, "reshape", {}))
         return True
+
+    def _size_constraints(self, node: fx.Node, target: Any) -> None:
+        """A reshape whose size arguments are read from some tensor's shape requires that dim
+        to keep the same size as the output dim it defines: record the pair of spaces."""
+        vals = list(target) if isinstance(target, (list, tuple)) else [target]
+        for d, v in enumerate(vals):
+            if not isinstance(v, fx.Node):
+                continue
+            out = self.space_at(node, d)
+            for src, k in _size_sources(v):
+                sp = self.space_at(src, k % max(1, len(self._shape(src) or (1,))))
+                if out is not None and sp is not None:
+                    self.size_pairs.append((out.id, sp.id, node.name))
 
     def _transpose(self, node, x, d0, d1) -> bool:
         nd = len(self._shape(x))
@@ -1104,6 +1119,14 @@ class ChannelAnalysis:
             a = b = np.zeros(0, dtype=np.int64)
         mat = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
         self.n_units, self.labels = connected_components(mat, directed=False)
+        for a_id, b_id, where in self.size_pairs:
+            sa, sb = self.spaces[a_id], self.spaces[b_id]
+            ua = set(np.unique(self.labels[sa.elements()]).tolist())
+            ub = set(np.unique(self.labels[sb.elements()]).tolist())
+            if ua != ub:
+                reason = f"{where}: a shape read from {sb.node} sizes {sa.node}"
+                self._locks.append((sa.elements(), reason))
+                self._locks.append((sb.elements(), reason))
         locked = np.zeros(self.n_units, dtype=bool)
         self.unit_lock_reason: dict[int, str] = {}
         for elems, reason in self._locks:
@@ -1174,6 +1197,39 @@ class ChannelAnalysis:
                     {"layer": m.owner, "reason": self.unit_lock_reason.get(locked[0], "locked")}
                 )
         return out[:limit] if limit else out
+
+
+_ARITH = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+}
+
+
+def _size_sources(v: Any, depth: int = 0) -> list[tuple[fx.Node, int]]:
+    """``(tensor node, dim)`` pairs whose size an FX value was computed from."""
+    if not isinstance(v, fx.Node) or depth > 8:
+        return []
+    if (
+        v.op == "call_method"
+        and v.target == "size"
+        and len(v.args) >= 2
+        and isinstance(v.args[1], int)
+    ):
+        return [(v.args[0], v.args[1])]
+    if v.op == "call_function" and v.target is operator.getitem and isinstance(v.args[1], int):
+        src = v.args[0]
+        if isinstance(src, fx.Node) and (
+            (src.op == "call_method" and src.target == "size" and len(src.args) == 1)
+            or (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+        ):
+            return [(src.args[0], v.args[1])]
+    if v.op == "call_function" and v.target in _ARITH:
+        return [p for a in v.args for p in _size_sources(a, depth + 1)]
+    return []
 
 
 def _reshape_groups(

@@ -333,6 +333,31 @@ def test_channel_slice_is_locked_not_wrong():
     assert_equivalent(ChannelSlice(), X)
 
 
+def test_shape_read_from_another_tensor_locks_both():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(3, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+            self.fc = nn.Linear(8, 4)
+            self.d = nn.Conv2d(3, 6, 1)
+            self.e = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            n, c, h, w = y.shape
+            z = F.relu(self.b(x)).reshape(n, c, h * w).mean(2)  # b's width read from y
+            return self.fc(z) + self.c(y).mean((2, 3)) + self.e(F.relu(self.d(x))).mean((2, 3))
+
+    g = graphopt.trace(Net().eval(), X)
+    r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
+    m = r.graph.module
+    assert m.a.out_channels == m.b.out_channels == 8
+    assert m.d.out_channels == 3
+    assert any("shape read from" in x["reason"] for x in r.reports[0].details["locked"])
+
+
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_norms_with_statistics_prune_consistently(norm):
     class Net(nn.Module):

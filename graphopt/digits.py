@@ -11,11 +11,12 @@ nothing is downloaded).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ CACHE_VERSION = 1
 Progress = Callable[..., Iterable]
 
 
-# -- data ------------------------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------
 @dataclass
 class DigitsData:
     """The digits split: ``x_*`` are float32 ``[N, 1, 8, 8]`` in ``[0, 1]``, ``y_*`` int64."""
@@ -83,7 +84,7 @@ def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
     )
 
 
-# -- model -----------------------------------------------------------------------------------------
+# -- model -------------------------------------------------------------------------------------
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
@@ -115,7 +116,7 @@ class DigitsVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-# -- training ------------------------------------------------------------------------------------
+# -- training ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of the cached model; any change invalidates the cache."""
@@ -142,13 +143,26 @@ def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
     return out.gather(3, cols)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_vgg(
     data: DigitsData, config: TrainConfig = TrainConfig(), progress: Progress | None = None
 ) -> DigitsVGG:
     """Train a :class:`DigitsVGG` from a fixed seed (AdamW, one-cycle schedule, shift
-    augmentation) and return it in eval mode."""
+    augmentation) and return it in eval mode.
+
+    Runs on one thread: the model is tiny, so more threads only add synchronisation (and
+    results then do not depend on the machine's core count)."""
     wrap = progress or (lambda it, desc="", total=None: it)
-    with torch.random.fork_rng(devices=[]):
+    with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = DigitsVGG()
         gen = torch.Generator().manual_seed(config.seed)
@@ -194,7 +208,7 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], Any], batches: Iterable
     return correct / seen if seen else float("nan")
 
 
-# -- cache ----------------------------------------------------------------------------------------
+# -- cache -------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """``$GRAPHOPT_CACHE``, else ``$XDG_CACHE_HOME/graphopt``, else ``~/.cache/graphopt``."""
     if os.environ.get("GRAPHOPT_CACHE"):

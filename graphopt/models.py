@@ -217,7 +217,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-# -- data ---------------------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------
 @dataclass
 class NamedData:
     """A named data set as the CLI uses it: ``train`` batches feed the pipeline (calibration,

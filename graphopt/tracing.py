@@ -31,7 +31,8 @@ class _Tracer(fx.Tracer):
     """An FX tracer that treats user-named modules as leaves and remembers the innermost module
     being traced when something fails."""
 
-    def __init__(self, leaf_modules: Sequence[LeafSpec]):
+    def __init__(self, leaf_modules: Sequence[LeafSpec] = ()):
+        # the default matters: unpickling a GraphModule re-traces it with ``tracer_cls()``
         super().__init__()
         self._leaf_globs = [s for s in leaf_modules if isinstance(s, str)]
         self._leaf_types = tuple(s for s in leaf_modules if isinstance(s, type))

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,5 +12,6 @@ def _seed():
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # two xdist workers share the two cores: one thread each
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     yield

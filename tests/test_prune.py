@@ -653,3 +653,16 @@ def test_random_architectures_prune_exactly(ops, width):
 
 def test_data_error_type():
     assert issubclass(DataError, GraphoptError)
+
+
+# -- lowering ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("net,x", [(Shuffle, X), (AttentionBlock, torch.randn(2, 5, 16))])
+def test_pruned_graph_exports_and_matches_ort(tmp_path, net, x):
+    from graphopt.backends import onnxruntime as ort_backend
+
+    g = graphopt.trace(_randomize_bn(net()), x)
+    r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
+    assert r.reports[0].modified
+    path = ort_backend.export(r.graph, tmp_path / "pruned.onnx")
+    parity = ort_backend.check_parity(r.graph, path, inputs=(x,))
+    assert parity["ok"], parity

@@ -173,6 +173,8 @@ def _load_builtin_analyses() -> None:
 class _ShapeRecorder(fx.Interpreter):
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self.args_shapes = [a for a in args if isinstance(a, torch.Tensor)]
+        # run_node raises a one-line DataError; keep fx from appending "While executing ..."
+        self.extra_traceback = False
         return super().run(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:

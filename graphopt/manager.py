@@ -259,18 +259,27 @@ class Pipeline:
             )
             if result.modified:
                 graph.invalidate(p.preserves)
-                _check_structure(graph, p)
-                if verify:
-                    out = _forward(graph, ref_inputs)
-                    if p.exact:
-                        if not within(out, prev_out, rtol, atol):
-                            raise _divergence(
-                                p, before, graph, ref_inputs, rtol, atol, out, prev_out
-                            )
-                        report.verified = True
-                    report.drift = drift(out, prev_out)
-                    report.drift_total = drift(out, original_out)
-                    prev_out = out
+                try:
+                    _check_structure(graph, p)
+                    if verify:
+                        out = _forward(graph, ref_inputs)
+                        if p.exact:
+                            if not within(out, prev_out, rtol, atol):
+                                raise _divergence(
+                                    p, before, graph, ref_inputs, rtol, atol, out, prev_out
+                                )
+                            report.verified = True
+                        report.drift = drift(out, prev_out)
+                        report.drift_total = drift(out, original_out)
+                        prev_out = out
+                except VerificationError as e:
+                    so_far = ",".join(str(s) for s in self.specs[:index])
+                    repro = _write_reproducer(dump, before, so_far, ref_inputs) if dump else None
+                    e.args = (
+                        f"{e} (pipeline so far: {so_far})"
+                        + (f"; reproducer written to {repro}" if repro else ""),
+                    )
+                    raise
             report.params = _count_params(graph.module)
             for ins in instr:
                 ins.after_pass(p, graph, report)

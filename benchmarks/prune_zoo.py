@@ -98,8 +98,11 @@ def run_torch_pruning(name: str, ratio: float, latency: bool) -> dict:
     params0 = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         y0 = model(x)
-    ignored = [
-        m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000
+    ignored = [  # the classifier (a Linear, or SqueezeNet's final 1x1 conv) keeps its 1000 outputs
+        m
+        for m in model.modules()
+        if (isinstance(m, torch.nn.Linear) and m.out_features == 1000)
+        or (isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000)
     ]
     t0 = time.perf_counter()
     pruner = tp.pruner.MetaPruner(

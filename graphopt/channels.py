@@ -1037,6 +1037,7 @@ class ChannelAnalysis:
             return False
         n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
         dim_map, d_in, d_out = {}, 0, 0
+        sliced: list[tuple[int, int, int, int, int]] = []  # (item, dim in, dim out, start, len)
         for it in items:
             if it is Ellipsis:
                 for _ in range(len(shape) - n_real):
@@ -1057,7 +1058,14 @@ class ChannelAnalysis:
                 d_in += 1
                 continue
             if isinstance(it, slice):
-                self.lock(self.space_at(src, d_in), f"{node.name}: slices dim {d_in}")
+                rng = range(shape[d_in])[it]
+                if it.step not in (None, 1) or not all(
+                    isinstance(v, (int, type(None))) for v in (it.start, it.stop)
+                ):
+                    # removing any channel would shift which ones a strided slice reads
+                    self.lock(self.space_at(src, d_in), f"{node.name}: strided slice of dim {d_in}")
+                else:
+                    sliced.append((items.index(it), d_in, d_out, rng.start, len(rng)))
                 d_in += 1
                 d_out += 1
                 continue
@@ -1066,7 +1074,24 @@ class ChannelAnalysis:
             dim_map[d_out] = d_in
             d_in += 1
             d_out += 1
-        self.passthrough_dims(node, src, dim_map)
+        self.passthrough_dims(
+            node,
+            src,
+            dim_map,
+            consumed=tuple(x[1] for x in sliced),
+            produced=tuple(x[2] for x in sliced),
+        )
+        for pos, di, do, start, n in sliced:
+            s_in, s_out = self.space_at(src, di), self.space_at(node, do)
+            if s_in is None or s_out is None or len(s_in.dims) != 1 or len(s_out.dims) != 1:
+                self.lock(s_in, f"{node.name}: slice of a joint layout")
+                self.lock(s_out, f"{node.name}: slice of a joint layout")
+                continue
+            # channel slicing: output k is input start + k; the bounds move when channels go
+            self.couple(s_in.base + start + np.arange(n), s_out.elements())
+            self.rewrites.append(
+                Rewrite(node.name, "slice", {"pos": pos, "space": s_in.id, "start": start, "n": n})
+            )
         return True
 
     def _reduce(self, node, x, dim, keepdim) -> bool:

@@ -406,6 +406,17 @@ def rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray) 
                 node.args = tuple(args)
             else:
                 node.kwargs = {**node.kwargs, "normalized_shape": (shape[-1],)}
+        elif rw.kind == "slice":
+            sp = ca.spaces[rw.info["space"]]
+            gone = removed[sp.base : sp.base + sp.size]
+            start = rw.info["start"] - int(gone[: rw.info["start"]].sum())
+            kept = rw.info["n"] - int(
+                gone[rw.info["start"] : rw.info["start"] + rw.info["n"]].sum()
+            )
+            src, idx = node.args
+            items = list(idx) if isinstance(idx, tuple) else [idx]
+            items[rw.info["pos"]] = slice(start, start + kept)
+            node.args = (src, tuple(items) if isinstance(idx, tuple) else items[0])
         elif rw.kind == "attention":
             _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
         elif rw.kind == "split":

@@ -324,13 +324,35 @@ def test_depthwise_follows_its_input():
     assert dw.out_channels == 2 * dw.in_channels
 
 
-def test_channel_slice_is_locked_not_wrong():
-    g = graphopt.trace(ChannelSlice().eval(), X)
-    ca = ChannelAnalysis(g)
+def test_channel_slice_moves_its_bounds():
+    class Slices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 1)
+            self.b = nn.Conv2d(6, 4, 1)
+            self.c = nn.Conv2d(5, 4, 1)
+            self.e = nn.Conv2d(3, 8, 1)
+            self.d = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            z = self.b(y[:, 2:8]) + self.c(y[:, 11:])
+            return z + self.d(F.relu(self.e(x))[:, ::2])  # strided: e stays whole
+
+    ca, g = assert_equivalent(Slices(), X, min_removed_params=0.0)
+    m = g.module
+    assert m.b.in_channels < 6 and m.c.in_channels < 5
+    assert m(X).shape == (2, 4, 8, 8)
     producers = {p for grp in ca.groups for p in grp.producers}
-    assert "a" not in producers  # slicing locks a's channels
-    assert "c" in producers
-    assert_equivalent(ChannelSlice(), X)
+    assert "a" in producers and "e" not in producers
+
+
+def test_channel_slice_pruned_by_the_pass():
+    g = graphopt.trace(_randomize_bn(ChannelSlice()), X)
+    r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
+    m = r.graph.module
+    assert m.a.out_channels < 16 and m.b.in_channels < 8
+    assert m(X).shape == (2, 4, 8, 8)
 
 
 def test_shape_read_from_another_tensor_locks_both():

@@ -14,26 +14,15 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.version import Version
 
 from graphopt.registry import ENTRY_POINT_GROUP, Registry
+
+from .pip_build import build_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_pass"
 PASS = "strip-noops"
 DIST = "graphopt-example-pass"
-
-
-def _build_args() -> list[str]:
-    """Build offline from this venv's setuptools when it can make wheels by itself (>= 70.1
-    ships ``bdist_wheel``); a fresh venv's bundled setuptools cannot, so then pip builds in an
-    isolated environment from the configured package index."""
-    try:
-        version = metadata.version("setuptools")
-    except metadata.PackageNotFoundError:
-        return []
-    offline = Version(version) >= Version("70.1")
-    return ["--no-build-isolation", "--no-index"] if offline else []
 
 
 def _env(site: Path) -> dict[str, str]:
@@ -62,7 +51,7 @@ def plugin_site(tmp_path_factory) -> Path:
             "--quiet",
             "--disable-pip-version-check",
             "--no-deps",
-            *_build_args(),
+            *build_args(),
             "--target",
             str(site),
             str(src),

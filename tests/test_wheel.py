@@ -11,26 +11,14 @@ import subprocess
 import sys
 import textwrap
 import zipfile
-from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.version import Version
+
+from .pip_build import build_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = {"fold-bn", "dce", "remove-identity"}
-
-
-def _build_args() -> list[str]:
-    """Build offline from this venv's setuptools when it can make wheels by itself (>= 70.1
-    ships ``bdist_wheel``); a fresh venv's bundled setuptools cannot, so then pip builds in an
-    isolated environment from the configured package index."""
-    try:
-        version = metadata.version("setuptools")
-    except metadata.PackageNotFoundError:
-        return []
-    offline = Version(version) >= Version("70.1")
-    return ["--no-build-isolation", "--no-index"] if offline else []
 
 
 _IMPORT_CHECK = """
@@ -93,7 +81,7 @@ def wheel(tmp_path_factory) -> Path:
             "--quiet",
             "--disable-pip-version-check",
             "--no-deps",
-            *_build_args(),
+            *build_args(),
             "--wheel-dir",
             str(dist),
             str(src),

@@ -1,0 +1,1 @@
+"""ONNX -> dependency-free C99 (static arena, const weights, float and int8 kernels)."""

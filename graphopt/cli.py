@@ -34,9 +34,20 @@ log = logging.getLogger(__name__)
 
 PROG = "graphopt"
 DEMO_MODEL = "digits:vgg"
-# The demo's stages, applied one after another; each becomes a row of the demo table. Later
-# issues append their stages here (pruning, distillation, quantization, ...).
-DEMO_STAGES: tuple[str, ...] = ("fold-bn,remove-identity,dce",)
+DEMO_RATIO = 0.5
+DEMO_EPOCHS = 30
+
+
+def demo_stages(ratio: float = DEMO_RATIO, epochs: int = DEMO_EPOCHS) -> tuple[str, ...]:
+    """The demo's stages, applied one after another; each becomes a row of the demo table."""
+    return (
+        "fold-bn,remove-identity,dce",
+        f"prune(ratio={ratio:g})",
+        f"distill(epochs={epochs})",
+    )
+
+
+DEMO_STAGES = demo_stages()
 DEMO_PIPELINE = ",".join(DEMO_STAGES)
 DEMO_OUT = "graphopt-demo"
 EXIT_USAGE = 2
@@ -227,6 +238,7 @@ def _validate_print_after(names: Sequence[str]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Load, trace, run the pipeline, export; write model.pt, model.onnx, report.json."""
     from .cost import cost_of
+    from .distributed import is_main
     from .instruments import PrintAfter
     from .manager import Pipeline
 
@@ -247,12 +259,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cost_before = cost_of(original)
     instruments = [PrintAfter(args.print_after, sink=_out)] if args.print_after else []
     out = Path(args.out)
+    if not is_main():  # under torchrun: train with the others, write nothing
+        with tempfile.TemporaryDirectory(prefix="graphopt-rank-") as scratch:
+            pipeline.run(graph, data=data.train if data is not None else None, out_dir=scratch)
+        return 0
     with staged_outputs(out) as stage:
         result = pipeline.run(
             graph,
             data=data.train if data is not None else None,
             instruments=instruments,
             out_dir=stage,
+            checkpoint_dir=out,
             dump_dir=args.dump_dir,
             progress=progress,
         )
@@ -349,6 +366,8 @@ def _run_table(rows: dict, with_accuracy: bool, threads: int) -> str:
 
 
 def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> dict[str, Any]:
+    from .distributed import world_size
+
     def row_json(r: dict) -> dict[str, Any]:
         d: dict[str, Any] = {"cost": r["cost"].to_dict()}
         for key in ("latency", "parity", "top1", "top1_ort"):
@@ -364,6 +383,7 @@ def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> d
         "data": args.data,
         "backend": args.backend,
         "threads": args.threads,
+        "world_size": world_size(),
         "passes": result.to_dict()["passes"],
         "pipeline_seconds": result.seconds,
         "cost": {name: r["cost"].to_dict() for name, r in rows.items()},
@@ -462,7 +482,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import example_inputs
 
     ort_backend = _ort()
-    stages = [Pipeline.parse(text) for text in DEMO_STAGES]
+    texts = demo_stages(args.ratio, args.epochs)
+    stages = [Pipeline.parse(text) for text in texts]
     teacher = pretrained_vgg(progress=progress)
     digits = load_digits_data()
     train, test = digits.batches("train"), digits.batches("test")
@@ -482,7 +503,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.copyfile(rows[-1]["onnx"], stage / "model.onnx")
         table = _demo_table(rows)
         write_text(stage / "table.md", _demo_table(rows, markdown=True) + "\n")
-        write_json(stage / "report.json", _demo_report(rows))
+        write_json(stage / "report.json", _demo_report(rows, ",".join(texts)))
     n_test = len(digits.y_test)
     _out(f"graphopt demo: {DEMO_MODEL} on the scikit-learn digits test split ({n_test} images)")
     _out(table)
@@ -525,11 +546,11 @@ def _demo_table(rows: list[dict], markdown: bool = False) -> str:
     return render(head, body, markdown=markdown)
 
 
-def _demo_report(rows: list[dict]) -> dict[str, Any]:
+def _demo_report(rows: list[dict], pipeline: str) -> dict[str, Any]:
     return {
         "command": "demo",
         "model": DEMO_MODEL,
-        "pipeline": DEMO_PIPELINE,
+        "pipeline": pipeline,
         "stages": [{k: v for k, v in r.items() if k != "onnx"} for r in rows],
         "versions": versions(),
     }
@@ -585,6 +606,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text!r}")
     return value
 
 
@@ -644,6 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--runs", type=_positive_int, default=200)
+    p.add_argument(
+        "--ratio", type=_ratio, default=DEMO_RATIO, help="prune ratio (default %(default)s)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEMO_EPOCHS,
+        help="distill epochs (default %(default)s)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -63,3 +63,7 @@ class DataError(GraphoptError):
 
 class BackendError(GraphoptError):
     """Export or execution in a backend failed."""
+
+
+class DistillError(GraphoptError):
+    """Distillation cannot start or diverged (shapes differ, no teacher, NaN loss)."""

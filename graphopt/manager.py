@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .atomic import write_text
 from .data import first_batch
-from .errors import GraphoptError, PassContractError, PassFailure, VerificationError
+from .errors import DataError, GraphoptError, PassContractError, PassFailure, VerificationError
 from .graph import Graph, node_meta
 from .instruments import DumpDir, Instrument, Timing
 from .metrics import drift, within
@@ -180,6 +180,7 @@ class Pipeline:
         instruments: Iterable[Instrument] = (),
         teacher: Graph | None = None,
         out_dir: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
         dump_dir: str | Path | None = None,
         verify: bool = True,
         rtol: float = 1e-4,
@@ -193,6 +194,12 @@ class Pipeline:
                 f"Pipeline.run expects a graphopt.Graph, got {type(graph).__name__}; "
                 "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
             )
+        for spec in self.specs:
+            if spec.cls.needs_data and data is None:
+                raise DataError(
+                    f"pass {spec.name!r} needs data: pass data=batches (an iterable of inputs or "
+                    "(inputs, labels) tuples) to run()/compress(), or --data NAME on the CLI"
+                )
         timing = Timing()
         instr: list[Instrument] = [timing, *instruments]
         dump = DumpDir(dump_dir) if dump_dir is not None else None
@@ -207,6 +214,7 @@ class Pipeline:
             data=data,
             teacher_factory=(lambda: teacher) if teacher is not None else (lambda: snapshot),
             out_dir=Path(out_dir) if out_dir is not None else None,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
             seed=seed,
             pipeline_text=str(self),
         )

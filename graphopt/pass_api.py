@@ -46,6 +46,8 @@ class PassContext:
         data: a re-iterable of batches (tensors or ``(inputs, labels)`` tuples), or ``None``.
         teacher: the Graph as it was traced (copied lazily on first use), for distillation.
         out_dir: where a pass may write artefacts (e.g. a pruning plan), or ``None``.
+        checkpoint_dir: where training passes keep checkpoints that must survive a failed run
+            (default: ``out_dir``).
         progress: ``progress(iterable, desc, total)`` wraps long loops; the CLI shows a bar.
         seed: the seed passes use for anything random.
         pipeline_text: the whole pipeline being run.
@@ -54,6 +56,7 @@ class PassContext:
     data: Any = None
     teacher_factory: Callable[[], Graph] | None = None
     out_dir: Path | None = None
+    checkpoint_dir: Path | None = None
     progress: Callable[..., Iterable] = _no_progress
     seed: int = 0
     pipeline_text: str = ""

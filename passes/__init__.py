@@ -9,8 +9,9 @@ from __future__ import annotations
 
 def builtin_passes() -> list[type]:
     from .dce import DeadCodeElimination
+    from .distill import Distill
     from .fold_bn import FoldBatchNorm
     from .prune import Prune
     from .remove_identity import RemoveIdentity
 
-    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune]
+    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill]

@@ -254,14 +254,21 @@ def test_bench_onnx_and_model(run_dir, digits_cache, capsys):
 
 def test_demo_prints_every_stage(digits_cache, tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    code, out, err = invoke(capsys, "demo", "--out", out_dir, "--runs", "10")
+    code, out, err = invoke(capsys, "demo", "--out", out_dir, "--runs", "10", "--epochs", "8")
     assert code == 0, err
-    for stage in ("original", *cli.DEMO_STAGES):
+    stages = cli.demo_stages(cli.DEMO_RATIO, 8)
+    for stage in ("original", *stages):
         assert any(line.startswith(stage + " ") for line in out.splitlines()), stage
     assert "top-1 (ORT)" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json", "table.md"]
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["pipeline"] == cli.DEMO_PIPELINE
-    assert len(report["stages"]) == 1 + len(cli.DEMO_STAGES)
-    for stage in report["stages"]:
-        assert stage["top1_torch"] >= 0.95 and stage["top1_ort"] >= 0.95
+    assert report["pipeline"] == ",".join(stages)
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert list(rows) == ["original", *stages]
+    original, folded, pruned, distilled = rows.values()
+    for row in (original, folded, distilled):
+        assert row["top1_torch"] >= 0.95 and row["top1_ort"] >= 0.95, row["stage"]
+    assert abs(folded["top1_ort"] - original["top1_ort"]) < 1e-9  # an exact stage
+    assert pruned["cost"]["macs"] < 0.5 * original["cost"]["macs"]
+    assert distilled["cost"]["macs"] == pruned["cost"]["macs"]
+    assert distilled["top1_ort"] > pruned["top1_ort"]

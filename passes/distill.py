@@ -1,0 +1,37 @@
+"""``distill``: train the compressed student against the teacher (by default the model as it
+was traced), on logits and optionally on features paired by provenance.
+
+The objective and the loop are in :mod:`graphopt.distill`; this pass hands it the graph, the
+teacher, the data, the output directory and the progress bar, and reports what happened.
+"""
+
+from __future__ import annotations
+
+from graphopt.distill import DistillOptions, distill, teacher_for
+from graphopt.graph import Graph
+from graphopt.pass_api import Pass, PassContext, PassResult
+
+
+class Distill(Pass):
+    """Knowledge distillation from the teacher: KD on logits, labels when present, features."""
+
+    name = "distill"
+    exact = False
+    Options = DistillOptions
+    needs_data = True
+    needs_teacher = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        opts: DistillOptions = self.options
+        teacher = teacher_for(opts.teacher, graph, None if opts.teacher else ctx.teacher)
+        if opts.epochs == 0:
+            return PassResult(False, {"summary": "epochs=0: nothing trained"})
+        report = distill(
+            graph,
+            teacher,
+            ctx.data,
+            opts,
+            out_dir=ctx.checkpoint_dir or ctx.out_dir,
+            progress=ctx.progress,
+        )
+        return PassResult(modified=report["epochs_run"] > 0, report=report)

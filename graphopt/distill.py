@@ -36,6 +36,7 @@ from .errors import DataError, DistillError, OptionError
 from .features import FeaturePair, adapter_for, auto_pairs, parse_pairs, tapped_module
 from .graph import Graph
 from .losses import NEEDS_ADAPTER, get_loss, kd_loss
+from .sparsity import apply_masks, magnitude_masks, masks_of, schedule_of, set_masks, set_schedule
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class DistillOptions:
         default=0.1, metadata={"help": "fraction held out for early stopping (0: none)"}
     )
     patience: int = field(
-        default=5, metadata={"help": "epochs without held-out improvement before stopping"}
+        default=0, metadata={"help": "stop after N epochs without held-out improvement (0: off)"}
     )
     teacher: str | None = field(
         default=None, metadata={"help": "a saved module (.pt) or model spec; default: as traced"}
@@ -317,6 +318,19 @@ def _shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def _raise_sparsity(gm: nn.Module, schedule, epoch: int) -> None:
+    """Masks for the schedule's sparsity at the end of ``epoch``, by current magnitude,
+    never reviving a weight an earlier mask removed."""
+    params = dict(gm.named_parameters())
+    masks = masks_of(gm)
+    weights = {name: params[name] for name in masks}
+    new = magnitude_masks(
+        weights, sparsity=schedule.at(epoch), scope=schedule.scope, block=schedule.block
+    )
+    set_masks(gm, {name: new[name] & masks[name] for name in masks})
+    apply_masks(gm)
+
+
 def _mix(x: tuple[torch.Tensor, ...], m: float, gen: torch.Generator):
     """Mixup (Zhang et al. 2018): ``x' = λ·x + (1-λ)·x[π]``, ``λ ~ Beta(m, m)``, ``π`` a
     permutation of the batch; integer inputs are left alone."""
@@ -446,9 +460,15 @@ def distill(
             return metrics
 
         bar = wrap(range(start_epoch, opts.epochs), desc="distill", total=opts.epochs - start_epoch)
+        masked = bool(masks_of(gm))
+        sparsity = schedule_of(gm)
+        if sparsity is not None:
+            sparsity.epochs = sparsity.epochs or opts.epochs
         good = _state(inner)  # restored if the loss diverges
         for epoch in bar:
             t0 = time.perf_counter()
+            if sparsity is not None:
+                _raise_sparsity(gm, sparsity, epoch + 1)
             gm.train()
             total = count = 0.0
             for b, (x, y, idx) in enumerate(batches.epoch()):
@@ -489,6 +509,8 @@ def distill(
                 loss.backward()
                 opt.step()
                 sched.step()
+                if masked:
+                    apply_masks(gm)  # masked weights stay exactly zero
                 total += float(loss.detach()) * len(x[0])
                 count += len(x[0])
                 if hasattr(bar, "set_postfix_str"):
@@ -514,10 +536,17 @@ def distill(
             good = _state(inner)
             if on_epoch is not None:
                 on_epoch(stats)
-            if batches.has_holdout and opts.patience and stale >= opts.patience:
+            if (
+                sparsity is None
+                and batches.has_holdout
+                and opts.patience
+                and stale >= opts.patience
+            ):
                 log.info("distill: early stop after epoch %d (best %d)", epoch + 1, best[1])
                 break
-        if best is not None and history and best[1] != history[-1].epoch:
+        if sparsity is not None:
+            set_schedule(gm, None)  # reached: later training keeps the final masks
+        elif best is not None and history and best[1] != history[-1].epoch:
             inner.load_state_dict(best[2])
         gm.eval()
     for p in gm.parameters():

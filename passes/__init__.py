@@ -13,5 +13,6 @@ def builtin_passes() -> list[type]:
     from .fold_bn import FoldBatchNorm
     from .prune import Prune
     from .remove_identity import RemoveIdentity
+    from .sparsify import Sparsify
 
-    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill]
+    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify]

@@ -433,6 +433,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep -------------------------------------------------------------------------------------
+SWEEP_TEMPLATE = "fold-bn,prune(ratio={ratio}),distill(epochs=10)"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the pipeline template per ratio; write sweep.csv and tradeoff.png."""
+    from .manager import Pipeline
+    from .models import load_data
+    from .sweep import expand, plot, run_sweep, table_rows, write_csv
+
+    for r in args.ratios:
+        Pipeline.parse(expand(args.pipeline_template, r))  # bad templates fail before loading
+    data = load_data(args.data)
+    model, inputs = _load(args.model, args.input_shape)
+    _check_data_fits(data, inputs)
+    out = Path(args.out)
+    with staged_outputs(out) as stage:
+        points = run_sweep(
+            model,
+            inputs,
+            data,
+            args.ratios,
+            args.pipeline_template,
+            threads=args.threads,
+            runs=args.runs,
+            progress=progress,
+        )
+        write_csv(points, stage / "sweep.csv")
+        png = plot(points, stage / "tradeoff.png", title=f"{args.model} on {args.data}")
+    head = ["ratio", "variant", "params", "MACs", "top-1 (ORT)", "ORT ms"]
+    _out(render(head, table_rows(points)))
+    written = "sweep.csv" + (", tradeoff.png" if png else "")
+    _out(f"\nwrote {written} to {out}")
+    return 0
+
+
 # -- bench -------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     """ORT latency of an .onnx file, or torch vs ORT latency of a model spec."""
@@ -619,6 +655,10 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _ratios(text: str) -> list[float]:
+    return [_ratio(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -655,6 +695,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", type=_positive_int, default=30, help="timed runs per latency measurement"
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep", parents=[common], help="accuracy against MACs and latency over prune ratios"
+    )
+    _model_args(p)
+    p.add_argument("--data", required=True, metavar="NAME", help="named data set (digits)")
+    p.add_argument(
+        "--ratios",
+        type=_ratios,
+        default=[0.0, 0.25, 0.5, 0.75],
+        metavar="R,R,...",
+        help="prune ratios (default 0,0.25,0.5,0.75)",
+    )
+    p.add_argument(
+        "--pipeline-template",
+        default=SWEEP_TEMPLATE,
+        metavar="TEXT",
+        help="pipeline with {ratio} (default %(default)s)",
+    )
+    p.add_argument("--out", default="graphopt-sweep", metavar="DIR")
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--runs", type=_positive_int, default=50)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("passes", parents=[common], help="list every pass with its options")
     p.set_defaults(func=cmd_passes)

@@ -241,9 +241,7 @@ class _Teacher:
     """The tapped teacher in eval mode, with outputs cached per sample for pooled data."""
 
     def __init__(self, tapped: nn.Module):
-        self.tapped = tapped.eval()
-        for p in self.tapped.parameters():
-            p.requires_grad_(False)
+        self.tapped = tapped.eval()  # its outputs are computed under no_grad
         self.cache: list[torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -549,8 +547,6 @@ def distill(
         elif best is not None and history and best[1] != history[-1].epoch:
             inner.load_state_dict(best[2])
         gm.eval()
-    for p in gm.parameters():
-        p.requires_grad_(True)
     return _report(opts, pairs, adapters, history, best, world, labelled, ckpt_dir, t_start)
 
 

@@ -195,7 +195,7 @@ class Pipeline:
                 "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
             )
         for spec in self.specs:
-            if spec.cls.needs_data and data is None:
+            if spec.cls.uses_data(spec.options) and data is None:
                 raise DataError(
                     f"pass {spec.name!r} needs data: pass data=batches (an iterable of inputs or "
                     "(inputs, labels) tuples) to run()/compress(), or --data NAME on the CLI"
@@ -207,7 +207,7 @@ class Pipeline:
             instr.append(dump)
         snapshot = (
             graph.copy()
-            if teacher is None and any(s.cls.needs_teacher for s in self.specs)
+            if teacher is None and any(s.cls.uses_teacher(s.options) for s in self.specs)
             else None
         )
         ctx = PassContext(

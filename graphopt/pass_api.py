@@ -97,6 +97,16 @@ class Pass:
         raise NotImplementedError
 
     @classmethod
+    def uses_teacher(cls, options: Any) -> bool:
+        """Whether this pass, with these options, reads ``ctx.teacher``."""
+        return cls.needs_teacher
+
+    @classmethod
+    def uses_data(cls, options: Any) -> bool:
+        """Whether this pass, with these options, cannot run without ``ctx.data``."""
+        return cls.needs_data
+
+    @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""

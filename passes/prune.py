@@ -70,6 +70,10 @@ class PruneOptions:
     steps: int = field(
         default=1, metadata={"help": "iterative pruning in N rounds of increasing ratio"}
     )
+    between: str | None = field(
+        default=None,
+        metadata={"help": 'pipeline run between rounds, e.g. "distill(epochs=2)" (with steps)'},
+    )
     batches: int = field(default=4, metadata={"help": "data batches used by taylor importance"})
     seed: int = field(default=0, metadata={"help": "seed for random importance"})
 
@@ -84,6 +88,12 @@ class PruneOptions:
             raise OptionError(f"prune: steps must be >= 1, got {self.steps}")
         if self.target is not None:
             parse_target(self.target)
+        if self.between is not None:
+            if self.steps < 2:
+                raise OptionError("prune: between needs steps >= 2 (it runs between rounds)")
+            from graphopt.manager import Pipeline
+
+            Pipeline.parse(self.between)
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -97,6 +107,23 @@ def parse_target(text: str) -> tuple[str, float]:
             f"prune: target must be macs:F or params:F with 0 < F <= 1 (fraction kept), got {text!r}"
         )
     return kind, frac
+
+
+def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[str, Any]:
+    """Run the ``between`` pipeline (e.g. distillation) on the graph after round ``step``."""
+    from graphopt.manager import Pipeline
+
+    log.info("prune: running %s after round %d", text, step)
+    result = Pipeline.parse(text).run(
+        graph,
+        data=ctx.data,
+        teacher=ctx.teacher,
+        out_dir=ctx.out_dir,
+        verify=False,
+        progress=ctx.progress,
+        seed=ctx.seed,
+    )
+    return {"after_round": step, "passes": [r.to_dict() for r in result.reports]}
 
 
 # -- importance -------------------------------------------------------------------------------------
@@ -543,6 +570,22 @@ class Prune(Pass):
     exact = False
     Options = PruneOptions
 
+    @classmethod
+    def _between(cls, options: PruneOptions):
+        from graphopt.manager import Pipeline
+
+        return Pipeline.parse(options.between).specs if options.between else []
+
+    @classmethod
+    def uses_teacher(cls, options: PruneOptions) -> bool:
+        return any(s.cls.uses_teacher(s.options) for s in cls._between(options))
+
+    @classmethod
+    def uses_data(cls, options: PruneOptions) -> bool:
+        return options.importance == "taylor" or any(
+            s.cls.uses_data(s.options) for s in cls._between(options)
+        )
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         _check_ready(graph, opts)
@@ -556,6 +599,7 @@ class Prune(Pass):
         if opts.target is not None:
             ratio, search = self._search(graph, ctx, opts)
         rounds = []
+        between: list[dict[str, Any]] = []
         plan: list[dict[str, Any]] = []
         kept = 1.0 - ratio
         for step in range(1, opts.steps + 1):
@@ -564,6 +608,8 @@ class Prune(Pass):
             rep = prune_once(graph, ctx, opts, r)
             rounds.append(rep)
             plan.append({"round": step, "members": rep["plan"]})
+            if opts.between is not None and step < opts.steps:
+                between.append(_run_between(graph, ctx, opts.between, step))
         params1 = sum(p.numel() for p in graph.module.parameters())
         modified = any(r["units_removed"] for r in rounds)
         report: dict[str, Any] = {
@@ -582,6 +628,8 @@ class Prune(Pass):
         }
         if search is not None:
             report["target_search"] = search
+        if between:
+            report["between"] = between
         plan_doc = {"format": "graphopt-prune-plan", "version": 1, "rounds": plan}
         report["plan"] = plan_doc
         if ctx.out_dir is not None:

@@ -499,7 +499,7 @@ def test_l2_removes_the_weakest_channels():
 
 def test_taylor_needs_data_and_uses_it():
     g = graphopt.trace(_randomize_bn(Residual()), X)
-    with pytest.raises(PassFailure, match="needs data"):
+    with pytest.raises(DataError, match="'prune' needs data"):  # before anything runs
         graphopt.Pipeline.parse("prune(importance=taylor)").run(g)
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(2)]
     r = graphopt.Pipeline.parse("prune(importance=taylor,ratio=0.5)").run(g, data=data)
@@ -688,3 +688,26 @@ def test_pruned_graph_exports_and_matches_ort(tmp_path, net, x):
     path = ort_backend.export(r.graph, tmp_path / "pruned.onnx")
     parity = ort_backend.check_parity(r.graph, path, inputs=(x,))
     assert parity["ok"], parity
+
+
+def test_between_runs_distillation_between_rounds():
+    from graphopt.models import load_data, load_model
+
+    model, _ = load_model("digits:vgg")
+    data = load_data("digits")
+    x = (data.train[0][0][:8],)
+    plain = graphopt.compress(model, "fold-bn,prune(ratio=0.75,steps=3)", example_inputs=x)
+    text = 'fold-bn,prune(ratio=0.75,steps=3,between="distill(epochs=2)")'
+    assert str(graphopt.Pipeline.parse(text)) == text
+    result = graphopt.compress(model, text, example_inputs=x, data=data.train)
+    between = result.reports[-1].details["between"]
+    assert [b["after_round"] for b in between] == [1, 2]
+    for b in between:
+        (d,) = b["passes"]
+        assert d["name"] == "distill" and d["details"]["loss_last"] < d["details"]["loss_first"]
+    shapes = {k: v.shape for k, v in plain.graph.module.state_dict().items()}
+    assert {k: v.shape for k, v in result.graph.module.state_dict().items()} == shapes
+    with pytest.raises(OptionError, match="between needs steps >= 2"):
+        graphopt.Pipeline.parse('prune(between="distill")')
+    with pytest.raises(DataError, match="'prune' needs data"):
+        graphopt.compress(model, text, example_inputs=x)

@@ -1,0 +1,198 @@
+"""``qdq``: calibrated int8 quantization with quantize/dequantize pairs that ONNX Runtime runs
+as integer kernels.
+
+PTQ (``mode=ptq``, the default):
+
+1. plan (:mod:`graphopt.quant_placement`): fusion units (conv/linear/add/mul/matmul/concat/
+   avg-pool plus a following ReLU/ReLU6/clamp), pass-through ops that share their input's
+   qparams, float ops left alone (listed in the report with the reason);
+2. calibrate (:mod:`graphopt.quant_observers`): an observer on every quantized value sees up to
+   ``batches`` batches of ``data``; ``minmax``, ``percentile``, ``mse`` or ``entropy`` picks
+   the range ``[lo, hi]``, and ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``;
+3. fake-quant form (:mod:`graphopt.quant_modules`); with ``bias-correction`` each layer's bias
+   absorbs ``E[(W - W_q) x]`` measured on the calibration data;
+4. integer form: ``dequantize(quantize(x))`` on activations, int8 weights
+   ``W = s_w W_q`` (symmetric, per output channel by default) and int32 biases
+   ``b = s_x s_w b_q``. The graph computes what ORT's QLinearConv / QGemm compute, up to
+   float32 rounding.
+
+QAT (``mode=qat``): steps 1-3 only, leaving fake-quant modules with straight-through
+gradients (``learn-scales=true``: LSQ scales) for ``distill`` or a training loop; then
+``qdq(mode=convert)`` freezes the trained graph into the integer form.
+
+The report lists, per quantized op, the input/output scale and zero point, the weight scales
+and the SQNR (dB) of its output against the float model on the first calibration batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from graphopt.errors import DataError
+from graphopt.graph import Graph
+from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.quant_placement import plan
+from graphopt.quant_rewrite import (
+    QuantizationError,
+    bias_correction,
+    calibrate,
+    calibration_batches,
+    choose_qparams,
+    insert_observers,
+    quantization_state,
+    remove_observers,
+    to_fake_quant,
+    to_integer,
+    unit_report,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QDQOptions:
+    mode: Literal["ptq", "qat", "convert"] = field(
+        default="ptq",
+        metadata={
+            "help": "ptq: calibrate and write int8; qat: fake-quant for training; "
+            "convert: freeze a qat graph to int8"
+        },
+    )
+    weights: Literal["per-channel", "per-tensor"] = field(
+        default="per-channel", metadata={"help": "int8 symmetric weight scales"}
+    )
+    activations: Literal["uint8", "int8"] = field(
+        default="uint8", metadata={"help": "asymmetric activation type"}
+    )
+    calibration: Literal["minmax", "percentile", "mse", "entropy"] = field(
+        default="minmax", metadata={"help": "how activation ranges are chosen"}
+    )
+    percentile: float = field(default=99.99, metadata={"help": "for calibration=percentile"})
+    batches: int = field(default=32, metadata={"help": "calibration batches (at most)"})
+    skip: tuple[str, ...] = field(default=(), metadata={"help": "module-path globs kept in float"})
+    bias_correction: bool = field(
+        default=False, metadata={"help": "correct the mean shift weight rounding causes"}
+    )
+    learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.batches < 1:
+            raise ValueError(f"batches must be at least 1, got {self.batches}")
+
+
+class QDQ(Pass):
+    """Calibrated int8 quantize/dequantize (PTQ or QAT) that ONNX Runtime fuses into integer ops."""
+
+    name = "qdq"
+    exact = False
+    Options = QDQOptions
+    needs_data = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        opts: QDQOptions = self.options
+        gm = graph.module
+        state = quantization_state(gm)
+        if opts.mode == "convert":
+            if state != "qat":
+                raise QuantizationError(
+                    "qdq(mode=convert) freezes a graph quantized with qdq(mode=qat), but this "
+                    f"graph is {'already integer' if state == 'integer' else 'not fake-quantized'}"
+                )
+            converted = to_integer(gm)
+            return PassResult(
+                True,
+                {
+                    "summary": f"froze {len(converted)} fake-quant layers to int8",
+                    "layers": sorted(converted),
+                },
+            )
+        if state == "integer":
+            raise QuantizationError(
+                "the graph is already quantized (it holds quantize/dequantize nodes or int8 "
+                "layers from an earlier qdq pass); quantize a float graph, once"
+            )
+        if state == "qat":
+            raise QuantizationError(
+                "the graph holds fake-quant modules from qdq(mode=qat); freeze it with "
+                "qdq(mode=convert) instead of quantizing it again"
+            )
+        if state == "calibrating":
+            raise QuantizationError("the graph holds calibration observers from a failed qdq run")
+        if ctx.data is None:
+            raise DataError(
+                "qdq needs calibration data: pass data=batches (an iterable of input tensors or "
+                "(inputs, labels) tuples) to Pipeline.run()/graphopt.compress(), or --data NAME "
+                "on the CLI"
+            )
+        batches = calibration_batches(ctx.batches(), opts.batches)
+        dtype = torch.uint8 if opts.activations == "uint8" else torch.int8
+
+        graph.propagate_shapes()
+        the_plan = plan(gm, opts.skip)
+        if not the_plan.units:
+            return PassResult(
+                False,
+                {
+                    "summary": "nothing to quantize",
+                    "float_ops": the_plan.float_ops,
+                    "skipped": the_plan.skipped,
+                },
+            )
+        reference = graph.copy() if opts.mode == "ptq" else None
+        observers = insert_observers(gm, the_plan, opts.calibration, opts.percentile)
+        try:
+            calibrate(gm, observers, batches, ctx.progress)
+        finally:
+            remove_observers(gm)
+        qparams = choose_qparams(the_plan, observers, dtype)
+        to_fake_quant(
+            gm,
+            the_plan,
+            qparams,
+            per_channel=opts.weights == "per-channel",
+            learnable=opts.learn_scales and opts.mode == "qat",
+        )
+        corrections = bias_correction(gm, batches, ctx.progress) if opts.bias_correction else {}
+        counts: dict[str, int] = {}
+        for u in the_plan.units:
+            counts[u.kind] = counts.get(u.kind, 0) + 1
+        what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        report: dict = {
+            "mode": opts.mode,
+            "calibration": {
+                "method": opts.calibration,
+                "batches": len(batches),
+                "samples": sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in batches),
+            },
+            "float_ops": the_plan.float_ops,
+            "skipped": the_plan.skipped,
+        }
+        if corrections:
+            report["bias_correction"] = {k: round(v, 6) for k, v in corrections.items()}
+        if opts.mode == "qat":
+            report["summary"] = (
+                f"fake-quant on {len(the_plan.units)} ops ({what}); "
+                f"{len(the_plan.float_ops)} float ops; freeze with qdq(mode=convert)"
+            )
+            report["activations"] = {v.name: qparams[v].to_dict() for v in the_plan.own}
+            return PassResult(True, report)
+
+        to_integer(gm)
+        assert reference is not None
+        layers = unit_report(reference, gm, the_plan.units, batches[0])
+        report["layers"] = layers
+        sqnrs = [r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None]
+        worst = f"; min SQNR {min(sqnrs):.1f} dB" if sqnrs else ""
+        report["summary"] = (
+            f"int8 {opts.activations}/{opts.weights}: {len(the_plan.units)} ops ({what}), "
+            f"{len(the_plan.float_ops)} float ops{worst}"
+        )
+        for f in the_plan.float_ops:
+            log.info("qdq: %s (%s) stays float: %s", f["node"], f["op"], f["reason"])
+        return PassResult(True, report)

@@ -1,0 +1,157 @@
+"""C source of the float helper functions (emitted once, only when a node uses them).
+
+Every helper is ``static``, takes plain pointers and ints, touches no globals, and loops with
+all bounds checked before indexing (no out-of-range pointer is ever formed)."""
+
+from __future__ import annotations
+
+# integer ceil/floor division for a possibly negative numerator and a positive denominator
+DIV = r"""
+static int gp_cdiv(int a, int b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+static int gp_fdiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+static int gp_imax(int a, int b) { return a > b ? a : b; }
+static int gp_imin(int a, int b) { return a < b ? a : b; }
+"""
+
+# activation applied to a freshly written block: act 0 none, 1 relu, 2 clip(lo, hi)
+ACT = r"""
+static void gp_act_f32(float *y, long n, int act, float lo, float hi)
+{
+  long i;
+  if (act == 1) {
+    for (i = 0; i < n; ++i) y[i] = y[i] > 0.f ? y[i] : 0.f;
+  } else if (act == 2) {
+    for (i = 0; i < n; ++i) {
+      float v = y[i] < lo ? lo : y[i];
+      y[i] = v > hi ? hi : v;
+    }
+  }
+}
+"""
+
+# direct convolution for weights in ONNX layout [M][C/G][KH][KW] (constant or not):
+# per (output channel, input channel, tap) an axpy over the valid part of each output row.
+CONV_GENERIC = r"""
+static void gp_conv2d_f32(const float *x, const float *w, const float *b, float *y,
+                          int C, int H, int W, int M, int OH, int OW, int KH, int KW,
+                          int sh, int sw, int dh, int dw, int ph, int pw, int G)
+{
+  const int cg = C / G, mg = M / G;
+  const long ohw = (long)OH * OW;
+  int m, c, kh, kw, oh, ow;
+  for (m = 0; m < M; ++m) {
+    const int g = m / mg;
+    float *yo = y + (long)m * ohw;
+    const float bv = b ? b[m] : 0.f;
+    long i;
+    for (i = 0; i < ohw; ++i) yo[i] = bv;
+    for (c = 0; c < cg; ++c) {
+      const float *xc = x + (long)(g * cg + c) * H * W;
+      const float *wc = w + ((long)m * cg + c) * KH * KW;
+      for (kh = 0; kh < KH; ++kh) {
+        const int oh0 = gp_imax(0, gp_cdiv(ph - kh * dh, sh));
+        const int oh1 = gp_imin(OH, gp_fdiv(H - 1 + ph - kh * dh, sh) + 1);
+        for (kw = 0; kw < KW; ++kw) {
+          const float wv = wc[kh * KW + kw];
+          const int ow0 = gp_imax(0, gp_cdiv(pw - kw * dw, sw));
+          const int ow1 = gp_imin(OW, gp_fdiv(W - 1 + pw - kw * dw, sw) + 1);
+          for (oh = oh0; oh < oh1; ++oh) {
+            const long xb = (long)(oh * sh - ph + kh * dh) * W + kw * dw - pw;
+            float *yr = yo + (long)oh * OW;
+            if (sw == 1) {
+              for (ow = ow0; ow < ow1; ++ow) yr[ow] += wv * xc[xb + ow];
+            } else {
+              for (ow = ow0; ow < ow1; ++ow) yr[ow] += wv * xc[xb + (long)ow * sw];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+"""
+
+# y[m][n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]   (Y row-major M x N, overwritten)
+GEMM = r"""
+static void gp_gemm_f32(const float *A, long sam, long sak, const float *B, long sbk, long sbn,
+                        float *Y, int M, int N, int K)
+{
+  int m, n, k;
+  for (m = 0; m < M; ++m) {
+    float *yr = Y + (long)m * N;
+    for (n = 0; n < N; ++n) yr[n] = 0.f;
+    for (k = 0; k < K; ++k) {
+      const float a = A[(long)m * sam + (long)k * sak];
+      const float *br = B + (long)k * sbk;
+      if (sbn == 1) {
+        for (n = 0; n < N; ++n) yr[n] += a * br[n];
+      } else {
+        for (n = 0; n < N; ++n) yr[n] += a * br[(long)n * sbn];
+      }
+    }
+  }
+}
+"""
+
+# N-d pooling (up to 3 spatial dims; unused dims have size 1). kind 0: max, 1: average
+# excluding pads, 2: average including pads (taps inside [-pb, in + pe) count).
+POOL = r"""
+static void gp_pool_{T}(const {T} *x, {T} *y, long NC, const int *in, const int *out,
+                        const int *k, const int *s, const int *d, const int *pb, const int *pe,
+                        int kind)
+{
+  const long isz = (long)in[0] * in[1] * in[2], osz = (long)out[0] * out[1] * out[2];
+  long nc;
+  int o0, o1, o2, k0, k1, k2;
+  for (nc = 0; nc < NC; ++nc) {
+    const {T} *xc = x + nc * isz;
+    {T} *yc = y + nc * osz;
+    for (o0 = 0; o0 < out[0]; ++o0)
+    for (o1 = 0; o1 < out[1]; ++o1)
+    for (o2 = 0; o2 < out[2]; ++o2) {
+      const int b0 = o0 * s[0] - pb[0], b1 = o1 * s[1] - pb[1], b2 = o2 * s[2] - pb[2];
+      {ACC} acc = {INIT};
+      int cnt = 0, padded = 0;
+      for (k0 = 0; k0 < k[0]; ++k0) {
+        const int i0 = b0 + k0 * d[0];
+        if (i0 >= in[0] + pe[0]) break;
+        for (k1 = 0; k1 < k[1]; ++k1) {
+          const int i1 = b1 + k1 * d[1];
+          if (i1 >= in[1] + pe[1]) break;
+          for (k2 = 0; k2 < k[2]; ++k2) {
+            const int i2 = b2 + k2 * d[2];
+            if (i2 >= in[2] + pe[2]) break;
+            ++padded;
+            if (i0 < 0 || i1 < 0 || i2 < 0 || i0 >= in[0] || i1 >= in[1] || i2 >= in[2]) continue;
+            {
+              const {T} v = xc[((long)i0 * in[1] + i1) * in[2] + i2];
+              if (kind == 0) { if (v > acc || cnt == 0) acc = v; } else acc += v;
+              ++cnt;
+            }
+          }
+        }
+      }
+      if (kind == 0) yc[((long)o0 * out[1] + o1) * out[2] + o2] = ({T})acc;
+      else yc[((long)o0 * out[1] + o1) * out[2] + o2] =
+          ({T})(acc / (kind == 2 ? padded : (cnt ? cnt : 1)));
+    }
+  }
+}
+"""
+
+# softmax over the middle axis of [outer][n][inner]
+SOFTMAX = r"""
+static void gp_softmax_f32(const float *x, float *y, long outer, long n, long inner)
+{
+  long o, i, j;
+  for (o = 0; o < outer; ++o)
+    for (j = 0; j < inner; ++j) {
+      const float *xr = x + o * n * inner + j;
+      float *yr = y + o * n * inner + j;
+      float mx = xr[0], sum = 0.f;
+      for (i = 1; i < n; ++i) mx = xr[i * inner] > mx ? xr[i * inner] : mx;
+      for (i = 0; i < n; ++i) { const float e = expf(xr[i * inner] - mx); yr[i * inner] = e; sum += e; }
+      for (i = 0; i < n; ++i) yr[i * inner] /= sum;
+    }
+}
+"""

@@ -1,0 +1,200 @@
+"""The driver: ONNX model -> checked program -> fused -> planned -> C files + report.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.atomic import write_json, write_text
+from graphopt.errors import BackendError, GraphoptError
+
+from . import ir, planner
+from .codegen import CodeGen, stamp
+from .kernels_data import DATA_OPS
+from .kernels_float import FLOAT_OPS
+from .kernels_int8 import INT8_OPS, lower_qdq
+
+log = logging.getLogger(__name__)
+
+OPS: dict[str, Any] = {**DATA_OPS, **FLOAT_OPS, **INT8_OPS}
+_FUSE_INTO = ("Conv", "Gemm", "MatMul", "Add")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def supported_ops() -> list[str]:
+    """The ONNX op types the C backend compiles (Constant and shape-only subgraphs fold)."""
+    return sorted([k for k in OPS if not k.endswith("_i8")] + ["Constant"])
+
+
+def compile_program(model, input_shapes=None, int8: bool = True) -> ir.Program:
+    """Load, check, lower QDQ groups and fuse activations (no files written)."""
+    prog = ir.load(model, {k: v for k, v in OPS.items() if not k.endswith("_i8")}, input_shapes)
+    if int8:
+        lower_qdq(prog)
+    fuse_activations(prog)
+    return prog
+
+
+def fuse_activations(prog: ir.Program) -> int:
+    """Fold a Relu or constant Clip into the float Conv/Gemm/MatMul/Add producing its input
+    when that tensor has no other reader and is not a graph output."""
+    readers = Counter(i for n in prog.nodes for i in n.inputs if i)
+    producer = {o: n for n in prog.nodes for o in n.outputs if o}
+    drop = set()
+    for node in prog.nodes:
+        if node.op not in ("Relu", "Clip") or not node.inputs:
+            continue
+        x = node.inputs[0]
+        p = producer.get(x)
+        if (
+            p is None
+            or p.op not in _FUSE_INTO
+            or readers[x] != 1
+            or x in prog.outputs
+            or p.extra.get("act")
+            or prog.t(x).dtype != np.float32
+            or id(p) in drop
+        ):
+            continue
+        if node.op == "Relu":
+            act = ("relu",)
+        else:
+            lo, hi = node.extra.get("lo"), node.extra.get("hi")
+            if isinstance(lo, tuple) or isinstance(hi, tuple):
+                continue  # bounds known only at run time
+            lo_v = _bound(node, prog, 1, "min", -np.inf)
+            hi_v = _bound(node, prog, 2, "max", np.inf)
+            act = ("clip", lo_v, hi_v)
+        p.extra["act"] = act
+        p.extra["fused"] = f"{node.op} {node.name!r}"
+        p.outputs[p.outputs.index(x)] = node.outputs[0]
+        drop.add(id(node))
+    prog.nodes = [n for n in prog.nodes if id(n) not in drop]
+    return len(drop)
+
+
+def _bound(node: ir.Node, prog: ir.Program, k: int, attr: str, default: float) -> float:
+    if node.opset < 11:
+        return float(node.attr(attr, default))
+    if k < len(node.inputs) and node.inputs[k]:
+        return float(np.asarray(prog.t(node.inputs[k]).value).reshape(-1)[0])
+    return default
+
+
+def emit(
+    onnx_model_or_path: onnx.ModelProto | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    name: str = "model",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Write ``<name>.h``, ``<name>.c``, ``<name>_weights.c`` and ``report.json`` to
+    ``out_dir`` and return the report.
+
+    The model must have static shapes; a symbolic dimension 0 of an input (the batch) is fixed
+    to 1, other symbolic dimensions need ``input_shapes={input: shape}``. Unsupported ops or
+    attributes raise one :class:`~graphopt.errors.BackendError` listing every offending node
+    before anything is written; each file is written atomically.
+    """
+    if not _NAME.match(name):
+        raise BackendError(f"name {name!r} is not a C identifier")
+    prog = compile_program(onnx_model_or_path, input_shapes)
+    plan = planner.plan(prog, OPS)
+    cg = CodeGen(prog, plan, name, OPS)
+    src, weights = cg.source(plan.arena_bytes)
+    header = cg.header(plan.arena_bytes)
+    report = _report(prog, plan, cg, name, onnx_model_or_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{name}.h", header)
+    write_text(out / f"{name}.c", src)
+    write_text(out / f"{name}_weights.c", weights)
+    write_json(out / "report.json", report)
+    log.info(
+        "emitted %s/%s.{h,c}: %d nodes, %d weight bytes, arena %d bytes (lower bound %d)",
+        out,
+        name,
+        len(prog.nodes),
+        report["weight_bytes"],
+        plan.arena_bytes,
+        plan.lower_bound,
+    )
+    return report
+
+
+def _report(prog, plan, cg, name, source) -> dict[str, Any]:
+    counts = Counter(n.op for n in prog.nodes)
+    fused = Counter(n.extra["fused"].split(" ")[0] for n in prog.nodes if n.extra.get("fused"))
+
+    def io(names):
+        return [
+            {"name": n, "dtype": prog.t(n).dtype.name, "shape": list(prog.t(n).shape)}
+            for n in names
+        ]
+
+    return {
+        "name": name,
+        "source": str(source) if not isinstance(source, onnx.ModelProto) else "<ModelProto>",
+        "generated": stamp(),
+        "files": [f"{name}.h", f"{name}.c", f"{name}_weights.c"],
+        "inputs": io(prog.inputs),
+        "outputs": io(prog.outputs),
+        "op_counts": dict(sorted(counts.items())),
+        "fused_activations": dict(sorted(fused.items())),
+        "folded_nodes": prog.folded,
+        "weight_bytes": cg.weight_bytes(),
+        "arena_bytes": plan.arena_bytes,
+        "arena_lower_bound_bytes": plan.lower_bound,
+        "arena_ratio": round(plan.arena_bytes / plan.lower_bound, 4) if plan.lower_bound else 1.0,
+        "arena_align": planner.ALIGN,
+        "buffers": len(plan.buffers),
+        "in_place_ops": plan.inplace,
+        "views": plan.aliased,
+    }
+
+
+def main_emit(argv: list[str] | None = None) -> int:
+    """``graphopt emit-c model.onnx --out DIR [--name NAME] [--input-shape NAME=1,3,32,32]``."""
+    parser = argparse.ArgumentParser(
+        prog="graphopt emit-c", description="Compile an ONNX model to dependency-free C99."
+    )
+    parser.add_argument("model", help="the ONNX file")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--name", default="model", help="C prefix and file stem (default model)")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="static shape for an input with symbolic dims, e.g. input=1,3,32,32",
+    )
+    args = parser.parse_args(argv)
+    shapes = {}
+    for item in args.input_shape:
+        key, _, dims = item.partition("=")
+        try:
+            shapes[key] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
+        except ValueError:
+            parser.error(f"--input-shape {item!r}: expected NAME=1,3,32,32")
+    try:
+        report = emit(args.model, args.out, name=args.name, input_shapes=shapes or None)
+    except GraphoptError as e:
+        import sys
+
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    import sys
+
+    sys.stdout.write(
+        f"wrote {args.out}/{args.name}.h, {args.name}.c, {args.name}_weights.c, report.json: "
+        f"{sum(report['op_counts'].values())} nodes, {report['weight_bytes']} weight bytes, "
+        f"arena {report['arena_bytes']} bytes (lower bound {report['arena_lower_bound_bytes']})\n"
+    )
+    return 0

@@ -1,0 +1,141 @@
+"""The op interface every kernel table entry implements, and the context kernels emit into."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .ir import Node, Tensor, Unsupported
+
+
+class EmitContext(Protocol):
+    """What a kernel may ask of the code generator (``codegen.CodeGen`` implements it)."""
+
+    def t(self, name: str) -> Tensor: ...
+
+    def ptr(self, name: str) -> str:
+        """A C expression: a pointer to the tensor's first element, of its C type."""
+
+    def weight(self, arr: np.ndarray, hint: str) -> str:
+        """Emit a derived constant array (e.g. repacked weights); returns its C symbol."""
+
+    def helper(self, key: str, code: str) -> None:
+        """Emit a ``static`` helper function once (``key`` identifies it)."""
+
+
+class Op:
+    """One ONNX op type. ``infer`` checks a node and returns its outputs' (shape, dtype);
+    ``emit`` returns the C statements that compute it.
+
+    ``alias``: output 0 is input 0's bytes unchanged (Reshape and friends), so the planner
+    gives it the same storage and ``emit`` is never called. ``inplace``: input indices whose
+    buffer output 0 may overwrite when that input dies at this node (element-wise ops)."""
+
+    alias: bool = False
+    inplace: tuple[int, ...] = ()
+
+    def infer(self, node: Node, ins: list[Tensor | None]) -> list[tuple[Sequence[int], Any]]:
+        raise NotImplementedError
+
+    def emit(self, node: Node, cg: EmitContext) -> str:
+        raise NotImplementedError
+
+    def inplace_ok(self, node: Node, k: int, cg_tensors: dict[str, Tensor]) -> bool:
+        """Whether output 0 may reuse input ``k``'s buffer (same size and dtype)."""
+        x = cg_tensors[node.inputs[k]]
+        y = cg_tensors[node.outputs[0]]
+        return x.shape == y.shape and x.dtype == y.dtype
+
+
+# -- helpers for infer() --------------------------------------------------------------------
+def need(ins: list[Tensor | None], k: int, what: str) -> Tensor:
+    if k >= len(ins) or ins[k] is None:
+        raise Unsupported(f"missing input {k} ({what})")
+    return ins[k]  # type: ignore[return-value]
+
+
+def opt(ins: list[Tensor | None], k: int) -> Tensor | None:
+    return ins[k] if k < len(ins) else None
+
+
+def const_ints(ins: list[Tensor | None], k: int, what: str) -> list[int] | None:
+    """The values of an optional integer input that must be a constant (shape-like inputs)."""
+    t = opt(ins, k)
+    if t is None:
+        return None
+    if t.value is None:
+        raise Unsupported(
+            f"input {what!r} ({t.name}) must be a constant (an initializer); the C "
+            "backend compiles static shapes"
+        )
+    return [int(v) for v in np.asarray(t.value).reshape(-1)]
+
+
+def float_only(node: Node, *ts: Tensor | None) -> None:
+    for t in ts:
+        if t is not None and t.dtype != np.float32:
+            raise Unsupported(f"dtype {t.dtype} (only float32 is supported for {node.op})")
+
+
+def norm_axis(axis: int, rank: int, node: Node) -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise Unsupported(f"axis {axis} out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
+def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in np.broadcast_shapes(*[tuple(s) for s in shapes]))
+    except ValueError:
+        raise Unsupported(f"shapes {[tuple(s) for s in shapes]} do not broadcast") from None
+
+
+def spatial_params(
+    node: Node,
+    x_shape: Sequence[int],
+    kernel: Sequence[int],
+    ceil_mode: bool = False,
+    pool: bool = False,
+) -> dict[str, list[int]]:
+    """Strides, dilations, begin/end pads and output sizes of a conv or pool node."""
+    nd = len(kernel)
+    spatial = list(x_shape[2:])
+    if len(spatial) != nd:
+        raise Unsupported(f"kernel_shape {list(kernel)} does not match input rank {len(x_shape)}")
+    strides = list(node.attr("strides", [1] * nd))
+    dil = list(node.attr("dilations", [1] * nd))
+    pads = list(node.attr("pads", [0] * 2 * nd))
+    auto_pad = node.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if len(strides) != nd or len(dil) != nd or len(pads) != 2 * nd:
+        raise Unsupported("strides/dilations/pads do not match the kernel rank")
+    if any(s < 1 for s in strides) or any(d < 1 for d in dil) or any(p < 0 for p in pads):
+        raise Unsupported("non-positive strides/dilations or negative pads")
+    out = []
+    pb, pe = pads[:nd], pads[nd:]
+    for i in range(nd):
+        span = dil[i] * (kernel[i] - 1) + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-spatial[i] // strides[i])
+            total = max(0, (o - 1) * strides[i] + span - spatial[i])
+            small, big = total // 2, total - total // 2
+            pb[i], pe[i] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+        elif auto_pad == "VALID":
+            pb[i] = pe[i] = 0
+            o = (spatial[i] - span) // strides[i] + 1
+        elif auto_pad in ("NOTSET", ""):
+            num = spatial[i] + pb[i] + pe[i] - span
+            if ceil_mode:
+                o = -(-num // strides[i]) + 1
+                if (o - 1) * strides[i] >= spatial[i] + pb[i]:
+                    o -= 1
+            else:
+                o = num // strides[i] + 1
+        else:
+            raise Unsupported(f"auto_pad={auto_pad!r}")
+        if o < 1:
+            raise Unsupported(f"output size {o} < 1 along spatial axis {i}")
+        out.append(o)
+    return {"strides": strides, "dilations": dil, "pb": pb, "pe": pe, "out": out}

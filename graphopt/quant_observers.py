@@ -14,7 +14,8 @@ Observers see calibration batches and produce the range ``[lo, hi]``:
   ``E[(x - Q(x))^2]``, with in-range error ``s^2 / 12`` and clipped error ``(x - clip(x))^2``;
 - ``entropy``: the threshold ``T`` minimising ``KL(P || Q)`` between the histogram of ``|x|``
   clipped at ``T`` and its quantized version (TensorRT's calibration), range ``[-T, T]``
-  intersected with the observed range.
+  intersected with the observed range. Exact zeros are left out of the histogram: they are
+  exact at any range, and ReLU's spike at 0 would otherwise pull ``T`` far down.
 
 The histogram methods keep two fixed-size histograms (2048 bins) per observed tensor: memory is
 bounded whatever the number of batches. They need the tensor's range before the first bin is
@@ -161,7 +162,7 @@ class RangeObserver:
         self.max = -math.inf
         self.count = 0
         self.hist: torch.Tensor | None = None  # signed values over [min, max]
-        self.abs_hist: torch.Tensor | None = None  # |x| over [0, max(|min|, |max|)]
+        self.abs_hist: torch.Tensor | None = None  # |x| > 0 over [0, max(|min|, |max|)]
 
     @property
     def needs_histograms(self) -> bool:
@@ -190,7 +191,10 @@ class RangeObserver:
             self.hist += torch.histc(x.clamp(lo, hi), HIST_BINS, lo, hi).double()
         amax = max(abs(lo), abs(hi))
         if amax > 0:
-            self.abs_hist += torch.histc(x.abs().clamp(max=amax), HIST_BINS, 0.0, amax).double()
+            # exact zeros (ReLU's spike) are exact in any range: KL ignores them
+            mag = x.abs()
+            mag = mag[mag > 0]
+            self.abs_hist += torch.histc(mag.clamp(max=amax), HIST_BINS, 0.0, amax).double()
 
     def start_histograms(self) -> None:
         """End pass 1 (min/max known): allocate the histograms that pass 2 fills."""

@@ -10,7 +10,8 @@ PTQ (``mode=ptq``, the default):
    ``batches`` batches of ``data``; ``minmax``, ``percentile``, ``mse`` or ``entropy`` picks
    the range ``[lo, hi]``, and ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``;
 3. fake-quant form (:mod:`graphopt.quant_modules`); with ``bias-correction`` each layer's bias
-   absorbs ``E[(W - W_q) x]`` measured on the calibration data;
+   absorbs ``E[(W - W_q) x]`` measured on the calibration data; ``equalize`` first rescales
+   conv/linear pairs channel by channel (:mod:`graphopt.quant_equalize`);
 4. integer form: ``dequantize(quantize(x))`` on activations, int8 weights
    ``W = s_w W_q`` (symmetric, per output channel by default) and int32 biases
    ``b = s_x s_w b_q``. The graph computes what ORT's QLinearConv / QGemm compute, up to
@@ -35,6 +36,7 @@ import torch
 from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.quant_equalize import equalize
 from graphopt.quant_placement import plan
 from graphopt.quant_rewrite import (
     QuantizationError,
@@ -77,6 +79,10 @@ class QDQOptions:
     bias_correction: bool = field(
         default=False, metadata={"help": "correct the mean shift weight rounding causes"}
     )
+    equalize: bool = field(
+        default=False,
+        metadata={"help": "cross-layer equalization of conv/linear pairs before calibration"},
+    )
     learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
 
     def __post_init__(self) -> None:
@@ -93,6 +99,11 @@ class QDQ(Pass):
     exact = False
     Options = QDQOptions
     needs_data = True
+
+    @classmethod
+    def uses_data(cls, options: QDQOptions) -> bool:
+        """Calibration needs data; freezing a QAT graph (``mode=convert``) does not."""
+        return options.mode != "convert"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: QDQOptions = self.options
@@ -134,6 +145,7 @@ class QDQ(Pass):
         dtype = torch.uint8 if opts.activations == "uint8" else torch.int8
 
         graph.propagate_shapes()
+        equalized = equalize(gm) if opts.equalize else None
         the_plan = plan(gm, opts.skip)
         if not the_plan.units:
             return PassResult(
@@ -173,6 +185,8 @@ class QDQ(Pass):
             "float_ops": the_plan.float_ops,
             "skipped": the_plan.skipped,
         }
+        if equalized is not None:
+            report["equalize"] = equalized
         if corrections:
             report["bias_correction"] = {k: round(v, 6) for k, v in corrections.items()}
         if opts.mode == "qat":

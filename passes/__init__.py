@@ -12,7 +12,8 @@ def builtin_passes() -> list[type]:
     from .distill import Distill
     from .fold_bn import FoldBatchNorm
     from .prune import Prune
+    from .qdq import QDQ
     from .remove_identity import RemoveIdentity
     from .sparsify import Sparsify
 
-    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify]
+    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify, QDQ]

@@ -58,7 +58,8 @@ class FakeQuant(nn.Module):
 
     ``bounds`` is the range of a clamping activation fused before it (kept so that conversion
     can keep the representable range inside it). With ``learnable`` the scale is an LSQ
-    parameter; the zero point stays fixed.
+    parameter, stored as ``log_scale`` so that optimizer steps change it by a ratio and never
+    make it negative; the zero point stays fixed.
     """
 
     def __init__(
@@ -70,7 +71,7 @@ class FakeQuant(nn.Module):
         super().__init__()
         scale = torch.tensor([qparams.scale], dtype=torch.float32)
         if learnable:
-            self.scale = nn.Parameter(scale)
+            self.log_scale = nn.Parameter(torch.log(scale))
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.tensor([qparams.zero_point], dtype=torch.int32))
@@ -81,7 +82,7 @@ class FakeQuant(nn.Module):
 
     def qparams(self) -> QParams:
         """Current qparams, the scale kept inside ``bounds`` (float32, positive)."""
-        s = max(float(self.scale.detach().abs().item()), 1e-12)
+        s = max(float(self.current_scale().detach().item()), 1e-12)
         z = int(self.zero_point.item())
         dtype = getattr(torch, self.dtype_name)
         lo, hi = s * (self.qmin - z), s * (self.qmax - z)
@@ -91,11 +92,14 @@ class FakeQuant(nn.Module):
             )
         return affine_qparams(lo, hi, dtype, self.bounds)
 
+    def current_scale(self) -> torch.Tensor:
+        return self.log_scale.exp() if self.learnable else self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.learnable:
             grad = 1.0 / math.sqrt(max(1, x.numel()) * self.qmax)
             return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale, self.zero_point.float(), self.qmin, self.qmax, grad
+                x, self.current_scale(), self.zero_point.float(), self.qmin, self.qmax, grad
             )
         return torch.fake_quantize_per_tensor_affine(
             x, self.scale, self.zero_point, self.qmin, self.qmax
@@ -103,7 +107,7 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"scale={float(self.scale.detach()):.4g}, zero_point={int(self.zero_point)}, "
+            f"scale={float(self.current_scale().detach()):.4g}, zero_point={int(self.zero_point)}, "
             f"{self.dtype_name}, learnable={self.learnable}"
         )
 
@@ -121,11 +125,13 @@ class _QATWeighted(nn.Module):
         self.per_channel = per_channel
         self.learnable = learnable
         if learnable:
-            self.weight_scale = nn.Parameter(weight_qparams(self.weight, per_channel))
+            self.weight_log_scale = nn.Parameter(
+                torch.log(weight_qparams(self.weight, per_channel))
+            )
 
     def current_weight_scale(self) -> torch.Tensor:
         if self.learnable:
-            return self.weight_scale.detach().abs().clamp_min(1e-12).float()
+            return self.weight_log_scale.detach().exp().clamp_min(1e-12).float()
         return weight_qparams(self.weight, self.per_channel)
 
     def fake_weight(self) -> torch.Tensor:
@@ -136,10 +142,10 @@ class _QATWeighted(nn.Module):
             grad = 1.0 / math.sqrt(w.numel() * 127)
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
-                    w, self.weight_scale, zp.float(), 0, -127, 127, grad
+                    w, self.weight_log_scale.exp(), zp.float(), 0, -127, 127, grad
                 )
             return torch._fake_quantize_learnable_per_tensor_affine(
-                w, self.weight_scale, zp.float(), -127, 127, grad
+                w, self.weight_log_scale.exp(), zp.float(), -127, 127, grad
             )
         scale = weight_qparams(w, self.per_channel)
         if self.per_channel:

@@ -256,7 +256,7 @@ def _unit_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)]
 
 
-def _matches(patterns: tuple[str, ...], node: fx.Node) -> str | None:
+def matches(patterns: tuple[str, ...], node: fx.Node) -> str | None:
     meta = node_meta(node)
     names = [meta.module_path or "", *meta.provenance, node.name]
     if node.op == "call_module":
@@ -298,7 +298,7 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
         if not _is_float_tensor(n):
             kinds[n] = Kind("float", reason="output is not a float tensor")
             continue
-        pat = _matches(skip, n)
+        pat = matches(skip, n)
         if pat is not None:
             result.skipped.append(
                 {"node": n.name, "module": node_meta(n).module_path or "", "skip": pat}
@@ -314,7 +314,7 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
         if len(users) == 1 and n not in output_values:
             (u,) = users
             uk = kinds[u]
-            if uk.kind == "act" and u.args and u.args[0] is n and _matches(skip, u) is None:
+            if uk.kind == "act" and u.args and u.args[0] is n and matches(skip, u) is None:
                 unit.out, unit.act, unit.bounds = u, u, uk.bounds
                 fused_acts.add(u)
         result.units.append(unit)

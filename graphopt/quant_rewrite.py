@@ -109,14 +109,15 @@ def _insert_after(
 
 # -- calibration ----------------------------------------------------------------------------------
 def insert_observers(
-    gm: fx.GraphModule, plan: Plan, method: str, percentile: float
+    gm: fx.GraphModule, plan: Plan, method: Callable[[fx.Node], tuple[str, float]]
 ) -> dict[fx.Node, RangeObserver]:
-    """An :class:`Observer` after each own-quantized value; returns value -> observer."""
+    """An :class:`Observer` after each own-quantized value, calibrating with
+    ``method(value) -> (calibration, percentile)``; returns value -> observer."""
     observers: dict[fx.Node, RangeObserver] = {}
     for value in plan.own:
         path = node_meta(value).module_path
         where = f"node {value.name!r}" + (f" (module {path!r})" if path else "")
-        obs = RangeObserver(method, percentile, where)
+        obs = RangeObserver(*method(value), where)
         name = _fresh_name(gm, f"{value.name}_observer")
         gm.add_submodule(name, Observer(obs))
 
@@ -188,7 +189,7 @@ def to_fake_quant(
     gm: fx.GraphModule,
     plan: Plan,
     qparams: dict[fx.Node, QParams],
-    per_channel: bool,
+    per_channel: Callable[[Unit], bool],
     learnable: bool,
 ) -> dict[fx.Node, str]:
     """Replace the plan's values by :class:`FakeQuant` call sites (a shared value calls its
@@ -216,7 +217,7 @@ def to_fake_quant(
         path = str(unit.op.target)
         layer = gm.get_submodule(path)
         cls = QATConv if unit.kind == "conv" else QATLinear
-        _set_submodule(gm, path, cls(layer, per_channel, learnable))
+        _set_submodule(gm, path, cls(layer, per_channel(unit), learnable))
     gm.recompile()
     return names
 

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.fx as fx
 
 from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.quant_equalize import equalize
-from graphopt.quant_placement import plan
+from graphopt.quant_placement import matches, plan
 from graphopt.quant_rewrite import (
     QuantizationError,
     bias_correction,
@@ -76,6 +77,13 @@ class QDQOptions:
     percentile: float = field(default=99.99, metadata={"help": "for calibration=percentile"})
     batches: int = field(default=32, metadata={"help": "calibration batches (at most)"})
     skip: tuple[str, ...] = field(default=(), metadata={"help": "module-path globs kept in float"})
+    override: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": 'per-module settings, "GLOB:key=value;key=value" with key weights, '
+            "calibration or percentile (the last matching entry wins)"
+        },
+    )
     bias_correction: bool = field(
         default=False, metadata={"help": "correct the mean shift weight rounding causes"}
     )
@@ -90,6 +98,60 @@ class QDQOptions:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batches < 1:
             raise ValueError(f"batches must be at least 1, got {self.batches}")
+        parse_overrides(self.override)
+
+    def settings(self, node: fx.Node) -> dict[str, Any]:
+        """``weights``, ``calibration`` and ``percentile`` for the module ``node`` belongs to."""
+        out: dict[str, Any] = {
+            "weights": self.weights,
+            "calibration": self.calibration,
+            "percentile": self.percentile,
+        }
+        for glob, values in parse_overrides(self.override):
+            if matches((glob,), node):
+                out.update(values)
+        return out
+
+
+_OVERRIDE_KEYS = {
+    "weights": ("per-channel", "per-tensor"),
+    "calibration": ("minmax", "percentile", "mse", "entropy"),
+    "percentile": None,
+}
+
+
+def parse_overrides(entries: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``["features.0:weights=per-tensor;calibration=mse"]`` -> ``[("features.0", {...})]``."""
+    out = []
+    for entry in entries:
+        glob, sep, rest = entry.partition(":")
+        if not sep or not glob or not rest:
+            raise ValueError(
+                f"override {entry!r} must look like GLOB:key=value (keys: "
+                f"{', '.join(_OVERRIDE_KEYS)})"
+            )
+        values: dict[str, Any] = {}
+        for item in rest.split(";"):
+            key, eq, value = (p.strip() for p in item.partition("="))
+            if key not in _OVERRIDE_KEYS or not eq:
+                raise ValueError(
+                    f"override {entry!r}: unknown setting {key!r} (keys: "
+                    f"{', '.join(_OVERRIDE_KEYS)})"
+                )
+            choices = _OVERRIDE_KEYS[key]
+            if choices is None:
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"override {entry!r}: {key} must be a number") from None
+                if not 50.0 < values[key] <= 100.0:
+                    raise ValueError(f"override {entry!r}: percentile must be in (50, 100]")
+            elif value not in choices:
+                raise ValueError(f"override {entry!r}: {key} must be one of {', '.join(choices)}")
+            else:
+                values[key] = value
+        out.append((glob, values))
+    return out
 
 
 class QDQ(Pass):
@@ -157,7 +219,14 @@ class QDQ(Pass):
                 },
             )
         reference = graph.copy() if opts.mode == "ptq" else None
-        observers = insert_observers(gm, the_plan, opts.calibration, opts.percentile)
+
+        op_of = {u.out: u.op for u in the_plan.units}  # a fused ReLU's output: its conv's
+
+        def method(value: fx.Node) -> tuple[str, float]:
+            st = opts.settings(op_of.get(value, value))
+            return st["calibration"], st["percentile"]
+
+        observers = insert_observers(gm, the_plan, method)
         try:
             calibrate(gm, observers, batches, ctx.progress)
         finally:
@@ -167,7 +236,7 @@ class QDQ(Pass):
             gm,
             the_plan,
             qparams,
-            per_channel=opts.weights == "per-channel",
+            per_channel=lambda unit: opts.settings(unit.op)["weights"] == "per-channel",
             learnable=opts.learn_scales and opts.mode == "qat",
         )
         corrections = bias_correction(gm, batches, ctx.progress) if opts.bias_correction else {}

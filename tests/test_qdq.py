@@ -405,7 +405,7 @@ def test_qat_trains_through_fake_quant_and_converts(registry, tiny_data):
     loss = gm(torch.cat(tiny_data)).pow(2).mean()
     loss.backward()
     assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
-    assert all(m.scale.grad is not None for m in fq)  # LSQ: the scales learn too
+    assert all(m.log_scale.grad is not None for m in fq)  # LSQ: the scales learn too
     opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
     opt.step()
     gm.eval()
@@ -430,3 +430,44 @@ def test_qat_without_learnable_scales_tracks_the_weights(registry, tiny_data):
     with torch.no_grad():
         conv.weight.mul_(2.0)
     assert torch.allclose(conv.current_weight_scale(), conv.weight.abs().flatten(1).amax(1) / 127)
+
+
+def test_per_module_overrides(registry, tiny_data):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    text = 'qdq(override=["fc*:weights=per-tensor", "c1:calibration=percentile;percentile=99"])'
+    result = quantize(model, tiny_data, text, registry)
+    gm = result.graph.module
+    assert not gm.get_submodule("fc1").per_channel and not gm.get_submodule("fc2").per_channel
+    assert gm.get_submodule("c1").per_channel and gm.get_submodule("c2").per_channel
+    plain = {r["node"]: r for r in result.reports[-1].details["layers"]}
+    base = {
+        r["node"]: r
+        for r in quantize(model, tiny_data, "qdq", registry).reports[-1].details["layers"]
+    }
+    # percentile(99) clips c1's output (after its ReLU) below the min/max range
+    assert plain["c1"]["output"]["scale"] < base["c1"]["output"]["scale"]
+    assert plain["c2"]["output"]["scale"] == base["c2"]["output"]["scale"]
+    with pytest.raises(graphopt.OptionError, match="unknown setting 'bits'"):
+        Pipeline.parse('qdq(override=["c1:bits=4"])', registry=registry)
+    with pytest.raises(graphopt.OptionError, match="GLOB:key=value"):
+        Pipeline.parse('qdq(override=["c1"])', registry=registry)
+
+
+def test_qat_then_distill_then_convert_on_digits(digits, registry):
+    from graphopt.digits import evaluate
+
+    model, example, data = digits
+    train, test = data.batches("train", 64), data.batches("test", 512)
+    result = graphopt.compress(
+        model,
+        Pipeline.parse(
+            "fold-bn,qdq(mode=qat,learn-scales=true),distill(epochs=2),qdq(mode=convert)",
+            registry=registry,
+        ),
+        example_inputs=example,
+        data=train,
+    )
+    gm = result.graph.module
+    assert isinstance(gm.get_submodule("features.0"), QuantConv)
+    assert evaluate(gm, test) >= evaluate(model, test) - 0.01

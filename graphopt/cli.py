@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .atomic import write_json, write_text
+from .atomic import write_json
 from .errors import DataError, GraphoptError
 from .table import render
 
@@ -34,21 +34,6 @@ log = logging.getLogger(__name__)
 
 PROG = "graphopt"
 DEMO_MODEL = "digits:vgg"
-DEMO_RATIO = 0.5
-DEMO_EPOCHS = 30
-
-
-def demo_stages(ratio: float = DEMO_RATIO, epochs: int = DEMO_EPOCHS) -> tuple[str, ...]:
-    """The demo's stages, applied one after another; each becomes a row of the demo table."""
-    return (
-        "fold-bn,remove-identity,dce",
-        f"prune(ratio={ratio:g})",
-        f"distill(epochs={epochs})",
-    )
-
-
-DEMO_STAGES = demo_stages()
-DEMO_PIPELINE = ",".join(DEMO_STAGES)
 DEMO_OUT = "graphopt-demo"
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -512,84 +497,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -- demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    """digits:vgg through every demo stage: accuracy, cost and ORT latency after each."""
-    from .digits import INPUT_SHAPE, load_digits_data, pretrained_vgg
-    from .manager import Pipeline
-    from .models import example_inputs
+    """digits:vgg through every demo stage, lowered to ORT and C, measured after each."""
+    from .demo import DemoConfig, run_demo, table
 
-    ort_backend = _ort()
-    texts = demo_stages(args.ratio, args.epochs)
-    stages = [Pipeline.parse(text) for text in texts]
-    teacher = pretrained_vgg(progress=progress)
-    digits = load_digits_data()
-    train, test = digits.batches("train"), digits.batches("test")
-    graph = _trace(teacher, example_inputs(INPUT_SHAPE))
-    original = graph.copy()
-    out = Path(args.out)
-    with staged_outputs(out) as stage, tempfile.TemporaryDirectory(prefix="graphopt-demo-") as tmp:
-        rows = [_demo_row("original", graph, Path(tmp) / "stage0.onnx", test, args, ort_backend)]
-        for i, pipeline in enumerate(stages, start=1):
-            result = pipeline.run(graph, data=train, teacher=original, progress=progress)
-            graph = result.graph
-            row = _demo_row(
-                str(pipeline), graph, Path(tmp) / f"stage{i}.onnx", test, args, ort_backend
-            )
-            row["passes"] = result.to_dict()["passes"]
-            rows.append(row)
-        shutil.copyfile(rows[-1]["onnx"], stage / "model.onnx")
-        table = _demo_table(rows)
-        write_text(stage / "table.md", _demo_table(rows, markdown=True) + "\n")
-        write_json(stage / "report.json", _demo_report(rows, ",".join(texts)))
-    n_test = len(digits.y_test)
+    cfg = DemoConfig(
+        out=Path(args.out),
+        ratio=args.ratio,
+        epochs=args.epochs,
+        threads=args.threads,
+        runs=args.runs,
+        cc=args.cc,
+        c=not args.no_c,
+    )
+    result = run_demo(cfg, progress=progress)
+    n_test = result.n_test
     _out(f"graphopt demo: {DEMO_MODEL} on the scikit-learn digits test split ({n_test} images)")
-    _out(table)
-    _out(f"\nwrote model.onnx, report.json, table.md to {out}")
+    _out(table(result.rows))
+    _out(f"\nwrote {', '.join(result.written)} to {cfg.out}")
     return 0
-
-
-def _demo_row(stage: str, graph, onnx_path: Path, test, args, ort_backend) -> dict[str, Any]:
-    from .cost import cost_of
-    from .digits import evaluate
-
-    with _quiet_stdout(args.verbose):
-        ort_backend.export(graph, onnx_path)
-    return {
-        "stage": stage,
-        "cost": cost_of(graph).to_dict(),
-        "top1_torch": evaluate(graph.module, test),
-        "top1_ort": _ort_top1(ort_backend, onnx_path, test, args.threads),
-        "latency": ort_backend.benchmark(
-            onnx_path, threads=args.threads, inputs=graph.example_inputs, warmup=20, runs=args.runs
-        ),
-        "onnx": onnx_path,
-    }
-
-
-def _demo_table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["stage", "params", "MACs", "bytes", "top-1 (torch)", "top-1 (ORT)", "ORT ms"]
-    body = [
-        [
-            r["stage"],
-            _fmt_int(r["cost"]["params"]),
-            _fmt_int(r["cost"]["macs"]),
-            _fmt_int(r["cost"]["bytes"]),
-            _fmt_acc(r["top1_torch"]),
-            _fmt_acc(r["top1_ort"]),
-            _fmt_ms(r["latency"]),
-        ]
-        for r in rows
-    ]
-    return render(head, body, markdown=markdown)
-
-
-def _demo_report(rows: list[dict], pipeline: str) -> dict[str, Any]:
-    return {
-        "command": "demo",
-        "model": DEMO_MODEL,
-        "pipeline": pipeline,
-        "stages": [{k: v for k, v in r.items() if k != "onnx"} for r in rows],
-        "versions": versions(),
-    }
 
 
 # -- argument parsing --------------------------------------------------------------------------
@@ -738,15 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--runs", type=_positive_int, default=200)
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="prune ratio (default %(default)s)")
     p.add_argument(
-        "--ratio", type=_ratio, default=DEMO_RATIO, help="prune ratio (default %(default)s)"
+        "--epochs", type=_positive_int, default=30, help="distill epochs (default %(default)s)"
     )
-    p.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=DEMO_EPOCHS,
-        help="distill epochs (default %(default)s)",
-    )
+    p.add_argument("--cc", metavar="CC", help="C compiler (default: $CC, cc, gcc or clang)")
+    p.add_argument("--no-c", action="store_true", help="skip the C backend columns")
     p.set_defaults(func=cmd_demo)
     return parser
 

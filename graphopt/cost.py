@@ -57,8 +57,18 @@ class Cost:
         return render(["layer", "type", "output", "params", "MACs", "bytes"], rows)
 
 
+_QUANTIZED_STORAGE = (torch.int8, torch.uint8, torch.int32)
+
+
 def _storage(module: torch.nn.Module, recurse: bool) -> tuple[int, int]:
+    """``(params, bytes)``: parameters plus quantized weights and biases (int8 / int32 buffers
+    other than zero points) count as params; bytes count every parameter and buffer."""
     params = sum(p.numel() for p in module.parameters(recurse=recurse))
+    params += sum(
+        b.numel()
+        for name, b in module.named_buffers(recurse=recurse)
+        if b.dtype in _QUANTIZED_STORAGE and "zero_point" not in name
+    )
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
     nbytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=recurse))
     return params, nbytes

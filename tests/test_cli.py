@@ -253,22 +253,45 @@ def test_bench_onnx_and_model(run_dir, digits_cache, capsys):
 
 
 def test_demo_prints_every_stage(digits_cache, tmp_path, capsys):
+    from graphopt import demo
+
     out_dir = tmp_path / "demo"
     code, out, err = invoke(capsys, "demo", "--out", out_dir, "--runs", "10", "--epochs", "8")
     assert code == 0, err
-    stages = cli.demo_stages(cli.DEMO_RATIO, 8)
-    for stage in ("original", *stages):
-        assert any(line.startswith(stage + " ") for line in out.splitlines()), stage
-    assert "top-1 (ORT)" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json", "table.md"]
+    labels = ["original", *(label for label, _ in demo.stages(demo.RATIO, 8))]
+    for label in labels:
+        assert any(line.startswith(label + " ") for line in out.splitlines()), label
+    assert "top-1 (ORT)" in out and "top-1 (C)" in out
+    assert {"model.onnx", "report.json", "table.md", "stages", "c"} <= {
+        p.name for p in out_dir.iterdir()
+    }
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["pipeline"] == ",".join(stages)
+    assert report["pipeline"] == ",".join(text for _, text in demo.stages(demo.RATIO, 8))
+    assert report["failed_stage"] is None
     rows = {r["stage"]: r for r in report["stages"]}
-    assert list(rows) == ["original", *stages]
-    original, folded, pruned, distilled = rows.values()
-    for row in (original, folded, distilled):
+    assert list(rows) == labels
+    original, folded, pruned, distilled, quantized = rows.values()
+    for row in (original, folded, distilled, quantized):
         assert row["top1_torch"] >= 0.95 and row["top1_ort"] >= 0.95, row["stage"]
     assert abs(folded["top1_ort"] - original["top1_ort"]) < 1e-9  # an exact stage
     assert pruned["cost"]["macs"] < 0.5 * original["cost"]["macs"]
     assert distilled["cost"]["macs"] == pruned["cost"]["macs"]
     assert distilled["top1_ort"] > pruned["top1_ort"]
+    assert quantized["cost"]["bytes"] < 0.5 * distilled["cost"]["bytes"]
+    for row in (original, folded, pruned, distilled):  # float C matches ORT's top-1
+        assert row["top1_c"] == pytest.approx(row["top1_ort"], abs=1 / 360 + 1e-9), row["stage"]
+        assert (out_dir / row["c_dir"] / "model.c").exists()
+    if "top1_c" in quantized:  # the C backend lowers the QDQ model
+        assert quantized["top1_c"] == quantized["top1_ort"]
+
+
+def test_a_failing_demo_stage_says_which_and_keeps_earlier_outputs(digits_cache, tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    cc = tmp_path / "no-such-compiler"
+    code, out, err = invoke(
+        capsys, "demo", "--out", out_dir, "--runs", "5", "--epochs", "2", "--cc", cc
+    )
+    assert_one_error_line(code, err, "demo stage 'original' failed", "outputs still valid")
+    assert (out_dir / "stages" / "0-original.onnx").exists()
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["failed_stage"] == "original"

@@ -495,6 +495,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- emit-c ------------------------------------------------------------------------------------
+def cmd_emit_c(args: argparse.Namespace) -> int:
+    """ONNX -> C99 sources (header, code, weights) and report.json."""
+    from .backends.c import emit
+
+    path = Path(args.model)
+    if not path.exists():
+        raise GraphoptError(f"ONNX file {str(path)!r} does not exist")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in args.input_shape:
+        key, _, dims = item.partition("=")
+        try:
+            shapes[key] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
+        except ValueError:
+            raise _UsageError(f"--input-shape {item!r}: expected NAME=1,3,32,32") from None
+    report = emit(path, args.out, name=args.name, input_shapes=shapes or None)
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(report.get("op_counts", {}).items()))
+    _out(f"{args.name}: {ops}")
+    _out(
+        f"weights {report['weight_bytes']:,} bytes, arena {report['arena_bytes']:,} bytes "
+        f"(lower bound {report['arena_lower_bound_bytes']:,})"
+    )
+    _out(f"wrote {args.name}.h, {args.name}.c, {args.name}_weights.c, report.json to {args.out}")
+    return 0
+
+
 # -- demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """digits:vgg through every demo stage, lowered to ORT and C, measured after each."""
@@ -643,6 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--runs", type=_positive_int, default=50)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("emit-c", parents=[common], help="compile an ONNX model to C99 sources")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--name", default="model", help="C prefix and file stem (default model)")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="static shape for an input with symbolic dimensions, e.g. input=1,3,32,32",
+    )
+    p.set_defaults(func=cmd_emit_c)
 
     p = sub.add_parser("passes", parents=[common], help="list every pass with its options")
     p.set_defaults(func=cmd_passes)

@@ -295,3 +295,15 @@ def test_a_failing_demo_stage_says_which_and_keeps_earlier_outputs(digits_cache,
     assert (out_dir / "stages" / "0-original.onnx").exists()
     report = json.loads((out_dir / "report.json").read_text())
     assert report["failed_stage"] == "original"
+
+
+def test_emit_c_writes_sources_and_a_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    code, text, err = invoke(capsys, "emit-c", run_dir / "model.onnx", "--out", out)
+    assert code == 0, err
+    assert {"model.h", "model.c", "model_weights.c", "report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "arena" in text and "Conv" in text
+    code, _, err = invoke(capsys, "emit-c", tmp_path / "missing.onnx", "--out", out)
+    assert_one_error_line(code, err, "does not exist")

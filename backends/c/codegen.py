@@ -60,7 +60,11 @@ class CodeGen:
             fused = node.extra.get("fused")
             title = f"{node.op} {node.name!r}" + (f" + {fused}" if fused else "")
             code = op.emit(node, self)
-            parts.append(f"  /* {step}: {_comment(title)} */\n  {{\n" + _indent(code) + "\n  }")
+            parts.append(
+                f"  /* {step}: {_comment(title)} */\n  GP_PROF({step}, 0);\n  {{\n"
+                + _indent(code)
+                + f"\n  }}\n  GP_PROF({step}, 1);"
+            )
         for src, k in self.plan.copies:
             t = self.t(src)
             parts.append(f"  memcpy(outputs[{k}], {self.ptr(src)}, {max(t.nbytes, 0)});")
@@ -147,7 +151,18 @@ class CodeGen:
                 f"extern const {ctype} {sym}[{max(arr.size, 1)}]; /* {_comment(what)} "
                 f"{list(arr.shape)} */"
             )
-        src.append("")
+        src += [
+            "",
+            f"/* Define {up}_PROFILE and provide {self.name}_profile(step, phase) to time",
+            "   each node (phase 0 before, 1 after; steps are numbered in comments). */",
+            f"#ifdef {up}_PROFILE",
+            f"void {self.name}_profile(int step, int phase);",
+            f"#define GP_PROF(step, phase) {self.name}_profile(step, phase)",
+            "#else",
+            "#define GP_PROF(step, phase)",
+            "#endif",
+            "",
+        ]
         for code in self.helpers.values():
             src.append(code.strip("\n"))
             src.append("")

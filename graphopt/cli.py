@@ -419,7 +419,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # -- sweep -------------------------------------------------------------------------------------
-SWEEP_TEMPLATE = "fold-bn,prune(ratio={ratio}),distill(epochs=10)"
+SWEEP_TEMPLATE = "fold-bn,prune(ratio={ratio}),distill(epochs=10),qdq"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -117,7 +117,7 @@ def write_csv(points: Sequence[SweepPoint], path: str | Path) -> Path:
 
 
 def plot(points: Sequence[SweepPoint], path: str | Path, title: str = "") -> Path | None:
-    """Top-1 against MACs and against ORT latency, one line per variant; ``None`` (with a
+    """Top-1 against MACs, ORT latency and model bytes, one line per variant; ``None`` (with a
     warning) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -133,10 +133,14 @@ def plot(points: Sequence[SweepPoint], path: str | Path, title: str = "") -> Pat
     variants: dict[str, list[SweepPoint]] = {}
     for p in points:
         variants.setdefault(p.variant, []).append(p)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     for name, pts in variants.items():
         pts = sorted(pts, key=lambda p: p.ratio)  # each line runs from ratio 0 upwards
-        for ax, x_of in ((axes[0], lambda p: p.macs), (axes[1], lambda p: p.ort_ms)):
+        for ax, x_of in (
+            (axes[0], lambda p: p.macs),
+            (axes[1], lambda p: p.ort_ms),
+            (axes[2], lambda p: p.bytes),
+        ):
             ax.plot([x_of(p) for p in pts], [p.top1_ort for p in pts], "o-", label=name)
             for p in pts:
                 ax.annotate(f"{p.ratio:g}", (x_of(p), p.top1_ort), fontsize=7, alpha=0.7)
@@ -147,6 +151,8 @@ def plot(points: Sequence[SweepPoint], path: str | Path, title: str = "") -> Pat
     )
     axes[0].set_xlabel("MACs")
     axes[1].set_xlabel("ONNX Runtime latency (ms, median)")
+    axes[2].set_xlabel("model bytes (weights and buffers)")
+    axes[2].xaxis.set_major_formatter(axes[0].xaxis.get_major_formatter())
     for ax in axes:
         ax.set_ylabel("top-1 (ORT, test split)")
         ax.grid(alpha=0.3)

@@ -216,12 +216,27 @@ def _export_dynamo(graph: Graph, opset: int, dynamic: bool, in_names, out_names)
             input_names=in_names,
             output_names=out_names,
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=_custom_translations() or None,
             optimize=True,
             verbose=False,
         )
     if program is None:  # pragma: no cover - only when f= is given
         raise BackendError("torch.onnx.export returned no program")
     return program
+
+
+# graphopt modules that define their own torch ops, with ONNX translations for them: a graph
+# can only hold such an op once its module is imported, so loaded ones are all that matter.
+_OP_MODULES = ("graphopt.quant_dynamic",)
+
+
+def _custom_translations() -> dict:
+    table: dict = {}
+    for name in _OP_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None:
+            table.update(getattr(mod, "ONNX_TRANSLATIONS", {}))
+    return table
 
 
 def _export_torchscript(graph: Graph, opset: int, dynamic: bool, in_names, out_names):

@@ -70,6 +70,7 @@ class Plan:
     alias: dict[fx.Node, fx.Node] = field(default_factory=dict)
     float_ops: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    float_outputs: list[fx.Node] = field(default_factory=list)
 
     def root(self, node: fx.Node) -> fx.Node | None:
         """The own-quantized value whose qparams ``node`` uses (``None`` if it is float)."""
@@ -323,7 +324,19 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
     for unit in result.units:
         for a in unit.inputs:
             needed.setdefault(a, None)
-        needed[unit.out] = unit.bounds
+    for unit in result.units:
+        # a linear/matmul whose result is only a model output stays float: ORT's QGemm /
+        # MatMulIntegerToFloat take int8 inputs and write float, so the logits keep full precision
+        float_out = (
+            unit.kind in ("linear", "matmul")
+            and unit.act is None
+            and all(u.op == "output" for u in unit.out.users)
+            and unit.out not in needed
+        )
+        if float_out:
+            result.float_outputs.append(unit.out)
+        else:
+            needed[unit.out] = unit.bounds
 
     # resolve in topological order: pass-through ops follow their input
     for n in gm.graph.nodes:

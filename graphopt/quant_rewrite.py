@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import DataError, GraphoptError
 from .graph import Graph, TensorInfo, node_meta
+from .quant_dynamic import DynamicQuantLinear
 from .quant_modules import (
     DQ_OPS,
     Q_OPS,
@@ -63,7 +64,7 @@ def quantization_state(gm: fx.GraphModule) -> str:
             return "integer"
         if n.op == "call_module":
             mod = gm.get_submodule(str(n.target))
-            if isinstance(mod, (QuantConv, QuantLinear)):
+            if isinstance(mod, (QuantConv, QuantLinear, DynamicQuantLinear)):
                 return "integer"
             if isinstance(mod, (FakeQuant, _QATWeighted)):
                 state = "qat"
@@ -72,7 +73,7 @@ def quantization_state(gm: fx.GraphModule) -> str:
     return state
 
 
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+def set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
@@ -217,7 +218,7 @@ def to_fake_quant(
         path = str(unit.op.target)
         layer = gm.get_submodule(path)
         cls = QATConv if unit.kind == "conv" else QATLinear
-        _set_submodule(gm, path, cls(layer, per_channel(unit), learnable))
+        set_submodule(gm, path, cls(layer, per_channel(unit), learnable))
     gm.recompile()
     return names
 
@@ -333,7 +334,7 @@ def to_integer(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
                 f"cannot convert {n.target!r}: its input does not come from a dequantize node"
             )
         new = integer_layer(layer, scale)
-        _set_submodule(gm, str(n.target), new)
+        set_submodule(gm, str(n.target), new)
         converted[str(n.target)] = {"input_scale": scale, "weight_scale": new.weight_scale}
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -422,3 +423,35 @@ def _act_name(node: fx.Node) -> str:
     if node.op == "call_module":
         return type(node.graph.owning_module.get_submodule(str(node.target))).__name__.lower()
     return getattr(node.target, "__name__", str(node.target)).lower()
+
+
+def dynamic_report(
+    float_graph: Graph, gm: fx.GraphModule, nodes: list[fx.Node], inputs: tuple[torch.Tensor, ...]
+) -> list[dict[str, Any]]:
+    """Per dynamically quantized Linear: module, weight scales and the SQNR (dB) of its output
+    against the float model's, on ``inputs``."""
+    names = {n.name for n in nodes}
+    with torch.no_grad():
+        ref = _Values(float_graph.module, names)
+        ref.run(*inputs)
+        got = _Values(gm, names)
+        got.run(*inputs)
+    rows = []
+    for n in nodes:
+        ws = gm.get_submodule(str(n.target)).weight_scale
+        row: dict[str, Any] = {
+            "node": n.name,
+            "module": str(n.target),
+            "op": "linear (dynamic)",
+            "weight_scale": {
+                "min": float(ws.min()),
+                "max": float(ws.max()),
+                "channels": ws.numel(),
+            },
+        }
+        a, b = ref.values.get(n.name), got.values.get(n.name)
+        if a is not None and b is not None:
+            s = sqnr_db(a, b)
+            row["sqnr_db"] = None if s is None else round(s, 2)
+        rows.append(row)
+    return rows

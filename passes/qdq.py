@@ -37,6 +37,7 @@ import torch.fx as fx
 from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.quant_dynamic import DynamicQuantLinear
 from graphopt.quant_equalize import equalize
 from graphopt.quant_placement import matches, plan
 from graphopt.quant_rewrite import (
@@ -45,9 +46,11 @@ from graphopt.quant_rewrite import (
     calibrate,
     calibration_batches,
     choose_qparams,
+    dynamic_report,
     insert_observers,
     quantization_state,
     remove_observers,
+    set_submodule,
     to_fake_quant,
     to_integer,
     unit_report,
@@ -68,8 +71,12 @@ class QDQOptions:
     weights: Literal["per-channel", "per-tensor"] = field(
         default="per-channel", metadata={"help": "int8 symmetric weight scales"}
     )
-    activations: Literal["uint8", "int8"] = field(
-        default="uint8", metadata={"help": "asymmetric activation type"}
+    activations: Literal["uint8", "int8", "dynamic"] = field(
+        default="uint8",
+        metadata={
+            "help": "asymmetric activation type; dynamic: Linear layers only, inputs "
+            "quantized per call (no calibration)"
+        },
     )
     calibration: Literal["minmax", "percentile", "mse", "entropy"] = field(
         default="minmax", metadata={"help": "how activation ranges are chosen"}
@@ -164,8 +171,9 @@ class QDQ(Pass):
 
     @classmethod
     def uses_data(cls, options: QDQOptions) -> bool:
-        """Calibration needs data; freezing a QAT graph (``mode=convert``) does not."""
-        return options.mode != "convert"
+        """Calibration needs data; freezing a QAT graph (``mode=convert``) and dynamic
+        quantization do not."""
+        return options.mode != "convert" and options.activations != "dynamic"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: QDQOptions = self.options
@@ -197,6 +205,8 @@ class QDQ(Pass):
             )
         if state == "calibrating":
             raise QuantizationError("the graph holds calibration observers from a failed qdq run")
+        if opts.activations == "dynamic":
+            return self._dynamic(graph, ctx)
         if ctx.data is None:
             raise DataError(
                 "qdq needs calibration data: pass data=batches (an iterable of input tensors or "
@@ -279,3 +289,51 @@ class QDQ(Pass):
         for f in the_plan.float_ops:
             log.info("qdq: %s (%s) stays float: %s", f["node"], f["op"], f["reason"])
         return PassResult(True, report)
+
+    def _dynamic(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Every Linear (not skipped, called once) becomes a :class:`DynamicQuantLinear`."""
+        opts: QDQOptions = self.options
+        if opts.mode != "ptq":
+            raise QuantizationError("activations=dynamic needs no training: use mode=ptq")
+        gm = graph.module
+        reference = graph.copy()
+        sites: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                sites[str(n.target)] = sites.get(str(n.target), 0) + 1
+        done, skipped = [], []
+        for n in gm.graph.nodes:
+            if (
+                n.op != "call_module"
+                or type(gm.get_submodule(str(n.target))) is not torch.nn.Linear
+            ):
+                continue
+            pat = matches(opts.skip, n)
+            if pat is not None or sites[str(n.target)] > 1 or len(n.args) != 1 or n.kwargs:
+                why = f"skip ({pat})" if pat else "called at several places or with extra arguments"
+                skipped.append({"node": n.name, "module": str(n.target), "reason": why})
+                continue
+            per_channel = opts.settings(n)["weights"] == "per-channel"
+            layer = DynamicQuantLinear(gm.get_submodule(str(n.target)), per_channel)
+            set_submodule(gm, str(n.target), layer)
+            done.append(n)
+        if not done:
+            return PassResult(False, {"summary": "no Linear layer to quantize", "skipped": skipped})
+        gm.recompile()
+        inputs = graph.example_inputs
+        if ctx.data is not None:
+            for batch, _ in ctx.batches():
+                inputs = batch
+                break
+        layers = dynamic_report(reference, gm, done, inputs)
+        sqnrs = [r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None]
+        worst = f"; min SQNR {min(sqnrs):.1f} dB" if sqnrs else ""
+        return PassResult(
+            True,
+            {
+                "summary": f"dynamic int8: {len(done)} linear{worst}",
+                "mode": "ptq",
+                "layers": layers,
+                "skipped": skipped,
+            },
+        )

@@ -97,17 +97,22 @@ def _output_dq(gm: fx.GraphModule) -> fx.Node:
 
 
 # -- ground truth ---------------------------------------------------------------------------------
+def _linear(relu: bool) -> nn.Module:
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -0.25]]))
+        layer.bias.copy_(torch.tensor([0.3]))
+    return (nn.Sequential(layer, nn.ReLU()) if relu else nn.Sequential(layer)).eval()
+
+
 def test_hand_computed_linear_layer_gives_the_exact_integer(registry, tmp_path):
     """x in [0, 2.55] -> s_x = 0.01, z_x = 0; W = [1, -0.25] -> s_w = 1/127, W_q = [127, -32];
     b = 0.3 -> b_q = round(0.3 / (s_x s_w)) = 3810; calibrated y in [0, 2.2125] ->
     s_y = 2.2125/255, z_y = 0. For x = [1, 2]: x_q = [100, 200], the int32 accumulator is
     100*127 - 200*32 + 3810 = 10110 and y_q = round(10110 s_x s_w / s_y) = round(91.75) = 92."""
-    model = nn.Sequential(nn.Linear(2, 1)).eval()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, -0.25]]))
-        model[0].bias.copy_(torch.tensor([0.3]))
     calib = [torch.tensor([[0.0, 0.0], [2.55, 2.55]])]
-    result = quantize(model, calib, "qdq", registry, example=(torch.tensor([[1.0, 2.0]]),))
+    x = torch.tensor([[1.0, 2.0]])
+    result = quantize(_linear(relu=True), calib, "qdq", registry, example=(x,))
     gm = result.graph.module
     layer = gm.get_submodule("0")
     assert isinstance(layer, QuantLinear)
@@ -120,7 +125,6 @@ def test_hand_computed_linear_layer_gives_the_exact_integer(registry, tmp_path):
     s_y, z_y = _q_args(dq_out)
     assert s_y == pytest.approx(2.2125 / 255, rel=1e-6) and z_y == 0
 
-    x = torch.tensor([[1.0, 2.0]])
     values = {}
 
     class Rec(fx.Interpreter):
@@ -138,6 +142,15 @@ def test_hand_computed_linear_layer_gives_the_exact_integer(registry, tmp_path):
     assert round(float(got[0, 0]) / s_y) + z_y == 92
     assert ort_ops(path, tmp_path)["QGemm"] == 1
 
+    # without the ReLU the linear is the model output and stays float: y = s_x s_w acc
+    result = quantize(_linear(relu=False), calib, "qdq", registry, example=(x,))
+    s_acc = 0.01 / 127
+    assert float(result.graph.module(x)) / s_acc == pytest.approx(10110, abs=0.01)
+    path = gort.export(result.graph, tmp_path / "linear_float_out.onnx")
+    assert float(gort.run(path, x)[0][0, 0]) / s_acc == pytest.approx(10110, abs=0.01)
+    ops = ort_ops(path, tmp_path)
+    assert ops["QGemm"] == 1 and "DequantizeLinear" not in ops, ops
+
 
 def test_per_channel_weight_scales_reproduce_the_weights(tiny_int8):
     torch.manual_seed(0)
@@ -153,16 +166,40 @@ def test_per_channel_weight_scales_reproduce_the_weights(tiny_int8):
         assert torch.all(err <= s / 2 * (1 + 1e-5)), name
 
 
-def test_torch_and_ort_agree_within_one_step(tiny_int8, tmp_path):
+class TinyReLUOut(Tiny):
+    """Tiny with a quantized output (fc2 + ReLU is a unit)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_torch_and_ort_agree_within_one_step(registry, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    result = quantize(TinyReLUOut().eval(), tiny_data, "qdq", registry)
+    path = gort.export(result.graph, tmp_path / "tiny_q.onnx")
+    x = torch.randn(512, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = result.graph.module(x).numpy()
+    got = gort.run(path, x)[0]
+    step, _ = _q_args(_output_dq(result.graph.module))
+    assert np.abs(got - want).max() <= step * (1 + 1e-4)
+    # exact integers almost everywhere: rounding differs only on float32 ties
+    assert (np.abs(got - want) > step / 2).mean() < 0.01
+
+
+def test_float_logits_agree_with_ort(tiny_int8, tmp_path):
+    """fc2 writes float logits: a one-step difference in its int8 input moves them by at most
+    s_in * max_n sum_k |W[n, k]|."""
     path = gort.export(tiny_int8.graph, tmp_path / "tiny.onnx")
     x = torch.randn(512, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = tiny_int8.graph.module(x).numpy()
     got = gort.run(path, x)[0]
-    step, _ = _q_args(_output_dq(tiny_int8.graph.module))
-    assert np.abs(got - want).max() <= step * (1 + 1e-4)
-    # exact integers almost everywhere: rounding differs only on float32 ties
-    assert (np.abs(got - want) > step / 2).mean() < 0.01
+    fc2 = tiny_int8.graph.module.get_submodule("fc2")
+    w = fc2.weight_int8.float() * fc2.weight_scale[:, None]
+    bound = fc2.in_scale * float(w.abs().sum(1).max())
+    assert np.abs(got - want).max() <= bound
+    assert np.abs(got - want).mean() < 1e-3 * np.abs(want).mean()
 
 
 def test_ort_runs_every_pattern_as_integer_kernels(tiny_int8, tmp_path):
@@ -172,7 +209,7 @@ def test_ort_runs_every_pattern_as_integer_kernels(tiny_int8, tmp_path):
     assert ops["QLinearConv"] == 4 and ops["QGemm"] == 2, ops
     for op in ("QLinearAdd", "QLinearConcat", "QLinearAveragePool"):
         assert ops[op] == 1, ops
-    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops  # in and out
+    assert ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops, ops  # float logits
     assert "Relu" not in ops and "Clip" not in ops
 
 
@@ -311,8 +348,8 @@ def test_float_op_between_quantized_ops_is_reported(registry, tmp_path):
 def test_int8_activations(registry, tiny_data, tmp_path):
     torch.manual_seed(0)
     result = quantize(Tiny().eval(), tiny_data, "qdq(activations=int8)", registry)
-    dq = _output_dq(result.graph.module)
-    assert dq.args[5] == torch.int8
+    q = next(n for n in result.graph.module.graph.nodes if n.target in Q_OPS)
+    assert q.args[5] == torch.int8
     assert result.reports[-1].drift_total["cosine"] > 0.999
     # ORT converts int8 pairs to its uint8 kernels where a value has one consumer
     ops = ort_ops(gort.export(result.graph, tmp_path / "s8.onnx"), tmp_path)
@@ -369,7 +406,7 @@ def test_constant_activation_gets_a_safe_scale(registry):
     out = result.graph.module(torch.randn(2, 3, 6, 6))
     assert torch.isfinite(out).all()
     for row in result.reports[-1].details["layers"]:
-        assert row["output"]["scale"] > 0
+        assert row["output"] is None or row["output"]["scale"] > 0
 
 
 def test_quantizing_twice_is_an_error(registry, tiny_int8, tiny_data):
@@ -417,10 +454,10 @@ def test_qat_trains_through_fake_quant_and_converts(registry, tiny_data):
     assert not any(isinstance(m, FakeQuant) for m in gm.modules())
     with torch.no_grad():
         after = gm(torch.cat(tiny_data))
-    step, _ = _q_args(_output_dq(gm))
-    # the same rounding except the int32 bias: at most one output step apart, mostly equal
-    assert (after - before).abs().max() <= 2 * step
-    assert ((after - before).abs() > step / 2).float().mean() < 0.05
+    # the same rounding except the int32 bias, which may move a value across a rounding
+    # boundary now and then
+    diff, top = (after - before).abs(), float(before.abs().max())
+    assert float(diff.max()) < 0.02 * top and float(diff.mean()) < 1e-3 * top
 
 
 def test_qat_without_learnable_scales_tracks_the_weights(registry, tiny_data):

@@ -1,0 +1,93 @@
+"""Dynamic int8 quantization of Linear layers (``qdq(activations=dynamic)``).
+
+Each call quantizes its input on the fly, per tensor, asymmetric uint8, exactly as ONNX's
+DynamicQuantizeLinear does:
+
+    lo = min(0, min x),  hi = max(0, max x),  s_x = (hi - lo) / 255  (1 when hi = lo),
+    z_x = round(clamp(-lo / s_x, 0, 255)),     x_q = clamp(round(x / s_x) + z_x, 0, 255),
+
+then multiplies integers, ``y = s_x s_w[n] sum_k (x_q[k] - z_x) W_q[k, n] + b[n]`` with int8
+symmetric per-output-column weights ``W = s_w W_q``. Nothing is calibrated, so it suits
+models whose activation ranges vary from input to input (transformers).
+
+The layer is one custom op, ``graphopt::dynamic_linear``; :data:`ONNX_TRANSLATIONS` lowers it
+to ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add``, which ONNX Runtime fuses
+into its ``DynamicQuantizeMatMul`` kernel. The ONNX backend picks the translations up when
+this module is loaded (a graph holding the op cannot exist otherwise).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .quant_observers import quantize_weight, weight_qparams
+
+
+@torch.library.custom_op("graphopt::dynamic_linear", mutates_args=())
+def dynamic_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045  (custom_op reads this annotation at runtime)
+) -> torch.Tensor:
+    """``x @ (s_w W_q^T) + b`` with ``x`` dynamically quantized (see the module docstring);
+    ``weight_t`` is ``W_q^T`` (int8, ``[in, out]``)."""
+    xf = x.float()
+    lo = torch.clamp(xf.min(), max=0.0)
+    hi = torch.clamp(xf.max(), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zp = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
+    xq = torch.clamp(torch.round(xf / scale) + zp, 0.0, 255.0)
+    # integer accumulation, exact in float64 for any realistic depth (|acc| < 2^53)
+    acc = torch.matmul((xq - zp).double(), weight_t.double())
+    y = acc.float() * (scale * weight_scale)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+@dynamic_linear.register_fake
+def _(x, weight_t, weight_scale, bias):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+class DynamicQuantLinear(nn.Module):
+    """A Linear with int8 weights (per output column, symmetric) and dynamically quantized
+    uint8 inputs."""
+
+    def __init__(self, linear: nn.Linear, per_channel: bool = True):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = weight_qparams(w, per_channel)
+        self.register_buffer("weight_int8_t", quantize_weight(w, scale).t().contiguous())
+        self.register_buffer(
+            "weight_scale", scale if per_channel else scale.expand(w.shape[0]).clone()
+        )
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphopt.dynamic_linear(
+            x, self.weight_int8_t, self.weight_scale, self.bias
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, "
+            "dynamic uint8 inputs"
+        )
+
+
+def _dynamic_linear_onnx(x, weight_t, weight_scale, bias=None):
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    xq, x_scale, x_zp = op.DynamicQuantizeLinear(x)
+    acc = op.MatMulInteger(xq, weight_t, x_zp)
+    y = op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(x_scale, weight_scale))
+    return y if bias is None else op.Add(y, bias)
+
+
+ONNX_TRANSLATIONS = {torch.ops.graphopt.dynamic_linear.default: _dynamic_linear_onnx}

@@ -406,7 +406,8 @@ def main() -> None:
                 "fp32 ms",
                 "int8 ms",
                 "speed-up",
-                "ORT kernels",
+                "speed-up (best rounds)",
+                "ORT kernels (int/float)",
                 "quantize s",
             ]
             print(render(head, rows, markdown=True))

@@ -132,14 +132,12 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float | None:
     """Signal-to-quantization-noise ratio ``10 log10(sum r^2 / sum (r - a)^2)`` in dB;
-    ``None`` when the two are identical."""
+    ``None`` when it is not a finite number (the two are identical, or the reference is 0)."""
     r = reference.detach().double()
     noise = (r - approx.detach().double()).pow(2).sum().item()
     signal = r.pow(2).sum().item()
-    if noise == 0.0:
+    if noise == 0.0 or signal == 0.0:
         return None
-    if signal == 0.0:
-        return float("-inf")
     return 10.0 * math.log10(signal / noise)
 
 

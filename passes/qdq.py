@@ -105,6 +105,10 @@ class QDQOptions:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batches < 1:
             raise ValueError(f"batches must be at least 1, got {self.batches}")
+        if self.learn_scales and self.mode != "qat":
+            raise ValueError("learn-scales=true needs mode=qat (scales are learned in training)")
+        if self.activations == "dynamic" and self.mode != "ptq":
+            raise ValueError("activations=dynamic has nothing to train: use mode=ptq")
         parse_overrides(self.override)
 
     def settings(self, node: fx.Node) -> dict[str, Any]:
@@ -293,8 +297,6 @@ class QDQ(Pass):
     def _dynamic(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Every Linear (not skipped, called once) becomes a :class:`DynamicQuantLinear`."""
         opts: QDQOptions = self.options
-        if opts.mode != "ptq":
-            raise QuantizationError("activations=dynamic needs no training: use mode=ptq")
         gm = graph.module
         reference = graph.copy()
         sites: dict[str, int] = {}

@@ -508,3 +508,30 @@ def test_qat_then_distill_then_convert_on_digits(digits, registry):
     gm = result.graph.module
     assert isinstance(gm.get_submodule("features.0"), QuantConv)
     assert evaluate(gm, test) >= evaluate(model, test) - 0.01
+
+
+def test_conv_without_bias_and_a_json_report(registry, tmp_path):
+    import json
+
+    class NoBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, bias=False)
+            self.b = nn.Conv2d(8, 4, 1, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    data = [torch.randn(8, 3, 6, 6)]
+    result = quantize(NoBias().eval(), data, "qdq", registry)
+    assert result.graph.module.get_submodule("a").bias_int32 is None
+    json.dumps(result.reports[-1].details, allow_nan=False)
+    ops = ort_ops(gort.export(result.graph, tmp_path / "nobias.onnx"), tmp_path)
+    assert ops["QLinearConv"] == 2 and "Conv" not in ops, ops
+
+
+def test_inconsistent_options_are_refused(registry):
+    with pytest.raises(graphopt.OptionError, match="needs mode=qat"):
+        Pipeline.parse("qdq(learn-scales=true)", registry=registry)
+    with pytest.raises(graphopt.OptionError, match="use mode=ptq"):
+        Pipeline.parse("qdq(activations=dynamic,mode=qat)", registry=registry)

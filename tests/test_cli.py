@@ -18,16 +18,6 @@ from graphopt.errors import BackendError, ModelSpecError
 from graphopt.models import load_model
 
 
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    """The session's digits cache (the same path test_digits.py uses: trained once)."""
-    path = tmp_path_factory.getbasetemp() / "graphopt-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRAPHOPT_CACHE", str(path))
-        digits.pretrained_vgg()
-        yield path
-
-
 @pytest.fixture(scope="module")
 def run_dir(digits_cache, tmp_path_factory):
     """One successful ``graphopt run`` shared by the tests that read its outputs."""

@@ -115,11 +115,15 @@ def test_blocks_are_kept_or_dropped_whole():
         assert bool((blocks.all(2) | ~blocks.any(2)).all()), name
 
 
-def test_masks_survive_copy_and_training_keeps_masked_weights_exactly_zero():
+@pytest.fixture(scope="module")
+def digits():
     from graphopt.models import load_data, load_model
 
-    model, _ = load_model("digits:vgg")
-    data = load_data("digits")
+    return load_model("digits:vgg")[0], load_data("digits")
+
+
+def test_masks_survive_copy_and_training_keeps_masked_weights_exactly_zero(digits):
+    model, data = digits
     result = graphopt.compress(
         model,
         "fold-bn,sparsify(sparsity=0.9),distill(epochs=3)",
@@ -139,11 +143,8 @@ def test_masks_survive_copy_and_training_keeps_masked_weights_exactly_zero():
     assert evaluate(gm, data.test) > 0.9
 
 
-def test_polynomial_schedule_reaches_the_target_during_distill():
-    from graphopt.models import load_data, load_model
-
-    model, _ = load_model("digits:vgg")
-    data = load_data("digits")
+def test_polynomial_schedule_reaches_the_target_during_distill(digits):
+    model, data = digits
     result = graphopt.compress(
         model,
         "fold-bn,sparsify(sparsity=0.8,schedule=polynomial),distill(epochs=4)",

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import csv
 
-import pytest
-
-from graphopt import cli, digits
-
-
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "graphopt-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRAPHOPT_CACHE", str(path))
-        digits.pretrained_vgg()
-        yield path
+from graphopt import cli
 
 
 def test_sweep_writes_csv_and_png(digits_cache, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -65,7 +66,13 @@ def test_emit_writes_files_and_report(tmp_path):
     assert "int net_run_float(const float *input, float *output, void *arena);" in h
     assert "NET_INPUT0_SHAPE {1, 3, 8, 8}" in h
     src = (tmp_path / "net.c").read_text()
-    assert "malloc" not in src and "static float" not in src
+    assert "malloc(" not in src
+    # no mutable file-scope data: re-entrant (static functions and const tables only)
+    mutable = re.compile(
+        r"^(?!(static |extern )?const )(static |extern )?[A-Za-z_]\w*( \w+)*\s*\**\s*\w+"
+        r"\s*(\[[^\]]*\])?\s*(=[^=]|;)"
+    )
+    assert not [line for line in src.splitlines() if mutable.match(line)]
 
 
 def test_strict_c99_compile_and_parity(tmp_path):

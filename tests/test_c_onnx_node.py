@@ -28,6 +28,7 @@ from graphopt.backends.c import UnsupportedError, build_many, supported_ops
 
 SUPPORTED = set(supported_ops())
 # inputs at these positions are weights: also test them as initializers
+_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2)}
 _WEIGHT_INPUTS = {
     "Conv": (1, 2),
     "Gemm": (1, 2),
@@ -65,7 +66,14 @@ def _freeze(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names) -> onnx
     del m.graph.input[:]
     m.graph.input.extend(keep)
     for n in names:
-        m.graph.initializer.append(numpy_helper.from_array(np.asarray(feeds[n]), n))
+        v = feeds[n]
+        if isinstance(v, onnx.TensorProto):  # float8/int4 data come as TensorProto
+            t = onnx.TensorProto()
+            t.CopyFrom(v)
+            t.name = n
+            m.graph.initializer.append(t)
+        else:
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), n))
     return m
 
 
@@ -83,6 +91,13 @@ def _variants(case):
         }
         # a case whose *data* input is an int64 (e.g. Identity on int64) keeps it at run time
         shape_like -= {n.input[0] for n in g.node if n.input}
+        # quantization parameters must be constants for the C backend (it specialises on them)
+        shape_like |= {
+            n.input[j]
+            for n in g.node
+            for j in _PARAM_INPUTS.get(n.op_type, ())
+            if j < len(n.input) and n.input[j] in feeds
+        }
         model = _freeze(case.model, feeds, shape_like)
         rest = [n for n in in_names if n not in shape_like]
         yield f"{case.name}#{k}", model, [feeds[n] for n in rest], outputs

@@ -11,6 +11,8 @@ loop (which would stop it vectorising that loop) with ``#pragma GCC unroll 1``.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from . import csrc_float
@@ -27,47 +29,42 @@ NOUNROLL = r"""
 
 KERNEL = r"""
 /* @PB@ output pixels (flat indices pix[], every tap inside the input) x @MB@ output channels */
-static void gp_convp_blk_@MB@(const float *xg, const float *wb, const float *bias, float *y,
+static void gp_convp_blk_@SFX@(const @XT@ *xg, const @WT@ *wb, const @AT@ *bias, @YT@ *y,
                                const long *pix, const long *base, int cg, long hw, int W,
                                int KH, int KW, int dh, int dw, long ohw, int m0, int mc,
-                               int act, float lo, float hi)
+                               @QP@)
 {
-  float acc[@PB@][@MB@];
+  @AT@ acc[@PB@][@MB@];
   int i, p, c, kh, kw;
   const int taps = KH * KW;
   for (p = 0; p < @PB@; ++p)
     for (i = 0; i < @MB@; ++i) acc[p][i] = bias[i];
   for (c = 0; c < cg; ++c) {
-    const float *xc = xg + (long)c * hw;
-    const float *wc = wb + (long)c * taps * @MB@;
+    const @XT@ *xc = xg + (long)c * hw;
+    const @WT@ *wc = wb + (long)c * taps * @MB@;
     for (kh = 0; kh < KH; ++kh)
       for (kw = 0; kw < KW; ++kw) {
         const long off = (long)kh * dh * W + (long)kw * dw;
-        const float *wt = wc + (kh * KW + kw) * @MB@;
+        const @WT@ *wt = wc + (kh * KW + kw) * @MB@;
         for (p = 0; p < @PB@; ++p) {
-          const float xv = xc[base[p] + off];
-          GP_NOUNROLL for (i = 0; i < @MB@; ++i) acc[p][i] += xv * wt[i];
+          const @AT@ xv = @XV(xc[base[p] + off])@;
+          GP_NOUNROLL for (i = 0; i < @MB@; ++i) acc[p][i] += xv * (@AT@)wt[i];
         }
       }
   }
   for (i = 0; i < mc; ++i) {
-    float *yr = y + (long)(m0 + i) * ohw;
-    for (p = 0; p < @PB@; ++p) {
-      float v = acc[p][i];
-      if (act == 1) v = v > 0.f ? v : 0.f;
-      else if (act == 2) { v = v < lo ? lo : v; v = v > hi ? hi : v; }
-      yr[pix[p]] = v;
-    }
+    @YT@ *yr = y + (long)(m0 + i) * ohw;
+    for (p = 0; p < @PB@; ++p) yr[pix[p]] = @STORE(acc[p][i], m0 + i)@;
   }
 }
 
 /* up to @PB@ pixels whose taps may fall outside the input (borders, leftovers) */
-static void gp_convp_msk_@MB@(const float *xg, const float *wb, const float *bias, float *y,
+static void gp_convp_msk_@SFX@(const @XT@ *xg, const @WT@ *wb, const @AT@ *bias, @YT@ *y,
                                const long *pix, int np, int cg, long hw, int H, int W, int OW,
                                int KH, int KW, int sh, int sw, int dh, int dw, int ph, int pw,
-                               long ohw, int m0, int mc, int act, float lo, float hi)
+                               long ohw, int m0, int mc, @QP@)
 {
-  float acc[@PB@][@MB@];
+  @AT@ acc[@PB@][@MB@];
   int ih0[@PB@], iw0[@PB@];
   int i, p, c, kh, kw;
   const int taps = KH * KW;
@@ -82,72 +79,67 @@ static void gp_convp_msk_@MB@(const float *xg, const float *wb, const float *bia
     for (i = 0; i < @MB@; ++i) acc[p][i] = bias[i];
   }
   for (c = 0; c < cg; ++c) {
-    const float *xc = xg + (long)c * hw;
-    const float *wc = wb + (long)c * taps * @MB@;
+    const @XT@ *xc = xg + (long)c * hw;
+    const @WT@ *wc = wb + (long)c * taps * @MB@;
     for (kh = 0; kh < KH; ++kh)
       for (kw = 0; kw < KW; ++kw) {
-        const float *wt = wc + (kh * KW + kw) * @MB@;
+        const @WT@ *wt = wc + (kh * KW + kw) * @MB@;
         for (p = 0; p < @PB@; ++p) {
           const int ih = ih0[p] + kh * dh, iw = iw0[p] + kw * dw;
-          const float xv = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xc[(long)ih * W + iw] : 0.f;
-          GP_NOUNROLL for (i = 0; i < @MB@; ++i) acc[p][i] += xv * wt[i];
+          const @AT@ xv = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? @XV(xc[(long)ih * W + iw])@ : 0;
+          GP_NOUNROLL for (i = 0; i < @MB@; ++i) acc[p][i] += xv * (@AT@)wt[i];
         }
       }
   }
   for (i = 0; i < mc; ++i) {
-    float *yr = y + (long)(m0 + i) * ohw;
-    for (p = 0; p < np; ++p) {
-      float v = acc[p][i];
-      if (act == 1) v = v > 0.f ? v : 0.f;
-      else if (act == 2) { v = v < lo ? lo : v; v = v > hi ? hi : v; }
-      yr[pix[p]] = v;
-    }
+    @YT@ *yr = y + (long)(m0 + i) * ohw;
+    for (p = 0; p < np; ++p) yr[pix[p]] = @STORE(acc[p][i], m0 + i)@;
   }
 }
 
-static void gp_convp_f32_@MB@(const float *x, const float *wp, const float *b, float *y,
+static void gp_convp_@SFX@(const @XT@ *x, const @WT@ *wp, const @AT@ *b, @YT@ *y,
                                int C, int H, int W, int M, int OH, int OW, int KH, int KW,
                                int sh, int sw, int dh, int dw, int ph, int pw, int G,
-                               int act, float lo, float hi)
+                               @QP@)
 {
   const int cg = C / G, mg = M / G, nb = (mg + @MB@ - 1) / @MB@, taps = KH * KW;
   const long ohw = (long)OH * OW, hw = (long)H * W;
   int g, blk, i;
   for (g = 0; g < G; ++g)
   for (blk = 0; blk < nb; ++blk) {
-    const float *wb = wp + ((long)g * nb + blk) * cg * taps * @MB@;
+    const @WT@ *wb = wp + ((long)g * nb + blk) * cg * taps * @MB@;
     const int m0 = g * mg + blk * @MB@;
     const int mc = gp_imin(@MB@, mg - blk * @MB@);
-    const float *xg = x + (long)g * cg * hw;
-    float bias[@MB@];
+    const @XT@ *xg = x + (long)g * cg * hw;
+    @AT@ bias[@MB@];
     long ipix[@PB@], ibase[@PB@], bpix[@PB@], p;
     int ni = 0, nbd = 0;
-    for (i = 0; i < @MB@; ++i) bias[i] = (b && i < mc) ? b[m0 + i] : 0.f;
+    for (i = 0; i < @MB@; ++i) bias[i] = (b && i < mc) ? b[m0 + i] : 0;
     for (p = 0; p < ohw; ++p) {
       const int ih = (int)(p / OW) * sh - ph, iw = (int)(p % OW) * sw - pw;
       if (ih >= 0 && iw >= 0 && ih + (KH - 1) * dh < H && iw + (KW - 1) * dw < W) {
         ipix[ni] = p;
         ibase[ni++] = (long)ih * W + iw;
         if (ni == @PB@) {
-          gp_convp_blk_@MB@(xg, wb, bias, y, ipix, ibase, cg, hw, W, KH, KW, dh, dw, ohw,
-                             m0, mc, act, lo, hi);
+          gp_convp_blk_@SFX@(xg, wb, bias, y, ipix, ibase, cg, hw, W, KH, KW, dh, dw, ohw,
+                             m0, mc, @QA@);
           ni = 0;
         }
       } else {
         bpix[nbd++] = p;
         if (nbd == @PB@) {
-          gp_convp_msk_@MB@(xg, wb, bias, y, bpix, nbd, cg, hw, H, W, OW, KH, KW, sh, sw,
-                             dh, dw, ph, pw, ohw, m0, mc, act, lo, hi);
+          gp_convp_msk_@SFX@(xg, wb, bias, y, bpix, nbd, cg, hw, H, W, OW, KH, KW, sh, sw,
+                             dh, dw, ph, pw, ohw, m0, mc, @QA@);
           nbd = 0;
         }
       }
     }
     if (ni)
-      gp_convp_msk_@MB@(xg, wb, bias, y, ipix, ni, cg, hw, H, W, OW, KH, KW, sh, sw, dh, dw,
-                         ph, pw, ohw, m0, mc, act, lo, hi);
+      gp_convp_msk_@SFX@(xg, wb, bias, y, ipix, ni, cg, hw, H, W, OW, KH, KW, sh, sw, dh, dw,
+                         ph, pw, ohw, m0, mc, @QA@);
     if (nbd)
-      gp_convp_msk_@MB@(xg, wb, bias, y, bpix, nbd, cg, hw, H, W, OW, KH, KW, sh, sw, dh, dw,
-                         ph, pw, ohw, m0, mc, act, lo, hi);
+      gp_convp_msk_@SFX@(xg, wb, bias, y, bpix, nbd, cg, hw, H, W, OW, KH, KW, sh, sw, dh, dw,
+                         ph, pw, ohw, m0, mc, @QA@);
   }
 }
 """
@@ -222,6 +214,66 @@ def pointwise(geo: dict) -> bool:
     )
 
 
+ACTF = r"""
+static float gp_actf(float v, int act, float lo, float hi)
+{
+  if (act == 1) return v > 0.f ? v : 0.f;
+  if (act == 2) { v = v < lo ? lo : v; return v > hi ? hi : v; }
+  return v;
+}
+"""
+
+
+def convp_source(mb: int, q: dict | None = None) -> tuple[str, str]:
+    """(function name, C source) of the packed convolution for blocks of ``mb`` channels.
+
+    ``q`` None: float. Otherwise integer: ``q["xt"]``/``q["yt"]`` the input/output C types,
+    ``q["wt"]`` the weight type; int32 accumulation and requantisation (``gp_requant``)."""
+    if q is None:
+        sub = {
+            "@SFX@": f"f32_{mb}",
+            "@XT@": "float",
+            "@WT@": "float",
+            "@AT@": "float",
+            "@YT@": "float",
+            "@QP@": "int act, float lo, float hi",
+            "@QA@": "act, lo, hi",
+        }
+
+        def xv(e):
+            return e
+
+        def store(v, ch):
+            return f"gp_actf({v}, act, lo, hi)"
+    else:
+        tag = "".join(
+            {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}[q[k]] for k in ("xt", "wt", "yt")
+        )
+        sub = {
+            "@SFX@": f"{tag}_{mb}",
+            "@XT@": q["xt"],
+            "@WT@": q["wt"],
+            "@AT@": "int32_t",
+            "@YT@": q["yt"],
+            "@QP@": "int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax",
+            "@QA@": "zx, qm, qs, zy, qmin, qmax",
+        }
+
+        def xv(e):
+            return f"((int32_t)({e}) - zx)"
+
+        def store(v, ch):
+            return f"({q['yt']})gp_requant_clamp({v}, qm[{ch}], qs[{ch}], zy, qmin, qmax)"
+
+    src = KERNEL.replace("@MB@", str(mb)).replace("@PB@", str(PB))
+    for k, v in sub.items():
+        src = src.replace(k, v)
+    src = re.sub(r"@XV\((.*?)\)@", lambda m: xv(m.group(1)), src)
+    src = re.sub(r"@STORE\((.*?), (.*?)\)@", lambda m: store(m.group(1), m.group(2)), src)
+    assert "@" not in src, src[src.index("@") - 50 : src.index("@") + 50]
+    return f"gp_convp_{sub['@SFX@']}", src
+
+
 def block_size(mg: int) -> int:
     """The largest block of 32, 16, 8 output channels wasting at most 1/8 on zero padding."""
     for mb in (32, 16):
@@ -235,14 +287,14 @@ def applicable(geo: dict) -> bool:
     return geo["M"] // geo["G"] >= 4
 
 
-def pack(w: np.ndarray, groups: int, mb: int) -> np.ndarray:
+def pack(w: np.ndarray, groups: int, mb: int, dtype=np.float32) -> np.ndarray:
     """``[M][cg][KH][KW]`` -> ``[G][nb][cg][KH][KW][MB]`` with zero rows past ``M/G``."""
     m, cg = w.shape[0], w.shape[1]
     taps = int(np.prod(w.shape[2:], dtype=np.int64))
     mg = m // groups
     nb = -(-mg // mb)
-    wg = w.reshape(groups, mg, cg, taps).astype(np.float32)
-    out = np.zeros((groups, nb * mb, cg, taps), np.float32)
+    wg = w.reshape(groups, mg, cg, taps).astype(dtype)
+    out = np.zeros((groups, nb * mb, cg, taps), dtype)
     out[:, :mg] = wg
     return np.ascontiguousarray(out.reshape(groups, nb, mb, cg, taps).transpose(0, 1, 3, 4, 2))
 
@@ -265,7 +317,9 @@ def emit(cg, geo: dict, w: np.ndarray, b, n: int, x: str, y: str, act) -> str:
             f"{geo['C']}, {geo['M']}, {geo['H'] * geo['W']}, {act_args(act)});"
         )
     mb = block_size(geo["M"] // geo["G"])
-    cg.helper(f"convp_{mb}", KERNEL.replace("@MB@", str(mb)).replace("@PB@", str(PB)))
+    cg.helper("actf", ACTF)
+    fn, src = convp_source(mb)
+    cg.helper(fn, src)
     wsym = cg.weight(pack(w, geo["G"], mb).reshape(-1), f"conv_w_packed_{mb}")
     args = ", ".join(
         str(geo[k])
@@ -290,6 +344,6 @@ def emit(cg, geo: dict, w: np.ndarray, b, n: int, x: str, y: str, act) -> str:
     return (
         f"  const float *x = {x};\n  float *y = {y};\n  int n;\n"
         f"  for (n = 0; n < {n}; ++n)\n"
-        f"    gp_convp_f32_{mb}(x + (long)n * {xs}, {wsym}, {bias}, y + (long)n * {ys}, "
+        f"    {fn}(x + (long)n * {xs}, {wsym}, {bias}, y + (long)n * {ys}, "
         f"{args}, {act_args(act)});"
     )

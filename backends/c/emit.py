@@ -20,7 +20,8 @@ from . import ir, planner
 from .codegen import CodeGen, stamp
 from .kernels_data import DATA_OPS
 from .kernels_float import FLOAT_OPS
-from .kernels_int8 import INT8_OPS, lower_qdq
+from .kernels_int8 import INT8_OPS
+from .qdq_lower import lower_qdq
 
 log = logging.getLogger(__name__)
 

@@ -75,6 +75,8 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     value: np.ndarray | None = None  # set for constants
+    # a constant folded from DequantizeLinear keeps its integer form: q, scale, zp, axis
+    qinfo: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
@@ -314,6 +316,14 @@ def load(
             for oname, v in zip(onode.output, value_list):
                 if oname:
                     tensors[oname] = Tensor(oname, tuple(v.shape), v.dtype, v)
+            if op == "DequantizeLinear" and not attrs.get("block_size"):
+                zp = ins[2].value if len(ins) > 2 and ins[2] is not None else None
+                tensors[onode.output[0]].qinfo = {
+                    "q": ins[0].value,
+                    "scale": ins[1].value,
+                    "zp": np.zeros_like(ins[0].value, shape=()) if zp is None else zp,
+                    "axis": int(attrs.get("axis", 1)),
+                }
             folded += 1
             continue
         # -- a node for the C code -----------------------------------------------------------

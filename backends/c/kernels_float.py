@@ -266,33 +266,8 @@ class Conv(Op):
     def emit(self, node, cg):
         x, w, y = (cg.t(n) for n in (node.inputs[0], node.inputs[1], node.outputs[0]))
         b = cg.t(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-        p = node.extra["p"]
-        one_d = len(x.shape) == 3
-        H, W = (1, x.shape[2]) if one_d else x.shape[2:]
-        OH, OW = (1, p["out"][0]) if one_d else p["out"]
-        KH, KW = (1, w.shape[2]) if one_d else w.shape[2:]
-        st = [1, *p["strides"]] if one_d else p["strides"]
-        dl = [1, *p["dilations"]] if one_d else p["dilations"]
-        pb = [0, *p["pb"]] if one_d else p["pb"]
-        G = int(node.attr("group", 1))
-        N, C, M = x.shape[0], x.shape[1], w.shape[0]
-        geo = dict(
-            C=C,
-            H=H,
-            W=W,
-            M=M,
-            OH=OH,
-            OW=OW,
-            KH=KH,
-            KW=KW,
-            sh=st[0],
-            sw=st[1],
-            dh=dl[0],
-            dw=dl[1],
-            ph=pb[0],
-            pw=pb[1],
-            G=G,
-        )
+        N, geo = conv_geometry(node, x.shape, w.shape)
+        C, H, W, M, OH, OW = (geo[k] for k in ("C", "H", "W", "M", "OH", "OW"))
         act = node.extra.get("act")
         bias = cg.ptr(b.name) if b is not None else "0"
         if w.value is not None and conv_fast.applicable(geo):
@@ -328,6 +303,36 @@ class Conv(Op):
             f"    gp_act_f32(y + (long)n * {M * OH * OW}, {M * OH * OW}, {act_args(act)});\n"
             "  }"
         )
+
+
+def conv_geometry(node: Node, x_shape, w_shape) -> tuple[int, dict[str, int]]:
+    """(batch, geometry) of a checked Conv node as 2-d (a 1-d conv has H = KH = 1)."""
+    p = node.extra["p"]
+    one_d = len(x_shape) == 3
+    H, W = (1, x_shape[2]) if one_d else x_shape[2:]
+    OH, OW = (1, p["out"][0]) if one_d else p["out"]
+    KH, KW = (1, w_shape[2]) if one_d else w_shape[2:]
+    st = [1, *p["strides"]] if one_d else p["strides"]
+    dl = [1, *p["dilations"]] if one_d else p["dilations"]
+    pb = [0, *p["pb"]] if one_d else p["pb"]
+    geo = dict(
+        C=x_shape[1],
+        H=H,
+        W=W,
+        M=w_shape[0],
+        OH=OH,
+        OW=OW,
+        KH=KH,
+        KW=KW,
+        sh=st[0],
+        sw=st[1],
+        dh=dl[0],
+        dw=dl[1],
+        ph=pb[0],
+        pw=pb[1],
+        G=int(node.attr("group", 1)),
+    )
+    return x_shape[0], {k: int(v) for k, v in geo.items()}
 
 
 def _bias_add(

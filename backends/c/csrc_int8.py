@@ -1,0 +1,148 @@
+"""C source of the integer helpers: requantisation and the int8/uint8 kernels.
+
+Placeholders ``XT`` (input), ``WT`` (weights), ``YT`` (output) and ``TAG`` are substituted per
+type combination. Accumulation is int32; ``gp_requant_clamp`` scales an int32 by a real
+multiplier ``M = qm * 2^-(31 + qs)`` (``qm`` in [2^30, 2^31)) with one rounding (half away from
+zero) in 64-bit arithmetic, adds the output zero point and clamps: the fixed-point
+requantisation of gemmlowp / TFLite / CMSIS-NN (their single-rounding variant)."""
+
+from __future__ import annotations
+
+REQUANT = r"""
+static int32_t gp_requant_clamp(int32_t acc, int32_t qm, int32_t qs, int zy, int qmin, int qmax)
+{
+  const int total = 31 + qs;
+  const int64_t prod = (int64_t)acc * qm;
+  int64_t v = 0;
+  if (total < 63) {
+    const int64_t half = (int64_t)1 << (total - 1);
+    v = prod >= 0 ? (prod + half) >> total : -((-prod + half) >> total);
+  }
+  v += zy;
+  return (int32_t)(v < qmin ? qmin : (v > qmax ? qmax : v));
+}
+"""
+
+QCONV = r"""
+static void gp_qconv_TAG(const XT *x, const WT *w, const int32_t *b, YT *y,
+                         int C, int H, int W, int M, int OH, int OW, int KH, int KW,
+                         int sh, int sw, int dh, int dw, int ph, int pw, int G,
+                         int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const int cg = C / G, mg = M / G;
+  int m, c, kh, kw, oh, ow;
+  for (m = 0; m < M; ++m) {
+    const int g = m / mg;
+    const WT *wm = w + (long)m * cg * KH * KW;
+    for (oh = 0; oh < OH; ++oh) {
+      const int ih0 = oh * sh - ph;
+      const int kh0 = gp_imax(0, gp_cdiv(-ih0, dh));
+      const int kh1 = gp_imin(KH, gp_fdiv(H - 1 - ih0, dh) + 1);
+      for (ow = 0; ow < OW; ++ow) {
+        const int iw0 = ow * sw - pw;
+        const int kw0 = gp_imax(0, gp_cdiv(-iw0, dw));
+        const int kw1 = gp_imin(KW, gp_fdiv(W - 1 - iw0, dw) + 1);
+        int32_t acc = b ? b[m] : 0;
+        for (c = 0; c < cg; ++c) {
+          const XT *xc = x + (long)(g * cg + c) * H * W;
+          const WT *wc = wm + (long)c * KH * KW;
+          for (kh = kh0; kh < kh1; ++kh)
+            for (kw = kw0; kw < kw1; ++kw)
+              acc += ((int32_t)xc[(long)(ih0 + kh * dh) * W + iw0 + kw * dw] - zx)
+                     * (int32_t)wc[kh * KW + kw];
+        }
+        y[((long)m * OH + oh) * OW + ow] = (YT)gp_requant_clamp(acc, qm[m], qs[m], zy, qmin, qmax);
+      }
+    }
+  }
+}
+"""
+
+# rows of x [R][K] times packed weights [N/32][K][32]
+QFC = r"""
+static void gp_qfc_TAG(const XT *x, const WT *wp, const int32_t *b, YT *y, int R, int N, int K,
+                       int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const int nb = (N + 31) / 32;
+  int r, blk, k, i;
+  for (r = 0; r < R; ++r)
+    for (blk = 0; blk < nb; ++blk) {
+      const WT *wb = wp + (long)blk * K * 32;
+      const int n0 = blk * 32, nc = gp_imin(32, N - n0);
+      int32_t acc[32];
+      for (i = 0; i < 32; ++i) acc[i] = (b && i < nc) ? b[n0 + i] : 0;
+      for (k = 0; k < K; ++k) {
+        const int32_t xv = (int32_t)x[(long)r * K + k] - zx;
+        const WT *wk = wb + (long)k * 32;
+        GP_NOUNROLL for (i = 0; i < 32; ++i) acc[i] += xv * (int32_t)wk[i];
+      }
+      for (i = 0; i < nc; ++i)
+        y[(long)r * N + n0 + i] =
+            (YT)gp_requant_clamp(acc[i], qm[n0 + i], qs[n0 + i], zy, qmin, qmax);
+    }
+}
+"""
+
+# TFLite's quantized add: both inputs scaled by 2^20 and to a common scale, summed, requantised
+QADD = r"""
+static void gp_qadd_TAG(const XT *a, const XT *b, YT *y, long n, int za, int zb,
+                        int32_t ma, int32_t sa, int32_t mb, int32_t sb, int32_t mo, int32_t so,
+                        int zy, int qmin, int qmax)
+{
+  long i;
+  for (i = 0; i < n; ++i) {
+    const int32_t va = gp_requant_clamp(((int32_t)a[i] - za) * (1 << 20), ma, sa, 0,
+                                        -2147483647 - 1, 2147483647);
+    const int32_t vb = gp_requant_clamp(((int32_t)b[i] - zb) * (1 << 20), mb, sb, 0,
+                                        -2147483647 - 1, 2147483647);
+    y[i] = (YT)gp_requant_clamp(va + vb, mo, so, zy, qmin, qmax);
+  }
+}
+"""
+
+# average pooling: sum of (x - zx) over the window, requantised by sx / (sy * count) taken
+# from a table indexed by the window's count
+QAVG = r"""
+static void gp_qavg_TAG(const XT *x, YT *y, long NC, const int *in, const int *out, const int *k,
+                        const int *s, const int *d, const int *pb, const int *pe, int include_pad,
+                        int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const long isz = (long)in[0] * in[1] * in[2], osz = (long)out[0] * out[1] * out[2];
+  long nc;
+  int o0, o1, o2, k0, k1, k2;
+  for (nc = 0; nc < NC; ++nc) {
+    const XT *xc = x + nc * isz;
+    YT *yc = y + nc * osz;
+    for (o0 = 0; o0 < out[0]; ++o0)
+    for (o1 = 0; o1 < out[1]; ++o1)
+    for (o2 = 0; o2 < out[2]; ++o2) {
+      const int b0 = o0 * s[0] - pb[0], b1 = o1 * s[1] - pb[1], b2 = o2 * s[2] - pb[2];
+      int32_t acc = 0;
+      int cnt = 0, padded = 0;
+      for (k0 = 0; k0 < k[0]; ++k0) {
+        const int i0 = b0 + k0 * d[0];
+        if (i0 >= in[0] + pe[0]) break;
+        for (k1 = 0; k1 < k[1]; ++k1) {
+          const int i1 = b1 + k1 * d[1];
+          if (i1 >= in[1] + pe[1]) break;
+          for (k2 = 0; k2 < k[2]; ++k2) {
+            const int i2 = b2 + k2 * d[2];
+            if (i2 >= in[2] + pe[2]) break;
+            ++padded;
+            if (i0 < 0 || i1 < 0 || i2 < 0 || i0 >= in[0] || i1 >= in[1] || i2 >= in[2]) continue;
+            acc += (int32_t)xc[((long)i0 * in[1] + i1) * in[2] + i2] - zx;
+            ++cnt;
+          }
+        }
+      }
+      cnt = include_pad ? padded : cnt;
+      yc[((long)o0 * out[1] + o1) * out[2] + o2] =
+          (YT)gp_requant_clamp(acc, qm[cnt], qs[cnt], zy, qmin, qmax);
+    }
+  }
+}
+"""
+
+
+def specialise(code: str, tag: str, xt: str, yt: str, wt: str = "int8_t") -> str:
+    return code.replace("TAG", tag).replace("XT", xt).replace("YT", yt).replace("WT", wt)

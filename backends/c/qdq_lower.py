@@ -1,0 +1,353 @@
+"""Rewrite QDQ groups of a loaded program into integer kernels (see ``kernels_int8``).
+
+Every rule matches ``DequantizeLinear`` producers (per-tensor scale and zero point) in front of
+an op and one ``QuantizeLinear`` consumer (optionally after a Relu or a constant Clip, folded
+into the output clamp) and replaces the group by one node that reads and writes the integer
+tensors. Groups that match no rule stay on the float path. Dead nodes are dropped at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from .ir import Node, Program, Unsupported
+from .kernels_float import conv_geometry
+from .kernels_int8 import QTYPES, _multipliers, quantize_multiplier
+
+log = logging.getLogger(__name__)
+
+_TRANSPARENT = {
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Identity",
+    "Slice",
+    "Concat",
+}
+
+
+def lower_qdq(prog: Program) -> int:
+    """Apply the rules until none matches; returns how many groups were lowered."""
+    if not any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in prog.nodes):
+        return 0
+    count = 0
+    while True:
+        prod = {o: n for n in prog.nodes for o in n.outputs if o}
+        cons: dict[str, list[Node]] = defaultdict(list)
+        for n in prog.nodes:
+            for i in n.inputs:
+                if i:
+                    cons[i].append(n)
+        for node in list(prog.nodes):
+            rule = _RULES.get(node.op) or (_transparent if node.op in _TRANSPARENT else None)
+            try:
+                if rule is not None and rule(prog, node, prod, cons):
+                    count += 1
+                    break
+            except Unsupported as e:  # e.g. a multiplier out of range: keep the float path
+                log.debug("QDQ group at %s stays float: %s", node.describe(), e)
+        else:
+            break
+    _dce(prog)
+    log.info("lowered %d QDQ groups to integer kernels", count)
+    return count
+
+
+def _dce(prog: Program) -> None:
+    while True:
+        used = {i for n in prog.nodes for i in n.inputs if i} | set(prog.outputs)
+        keep = [n for n in prog.nodes if any(o in used for o in n.outputs if o)]
+        if len(keep) == len(prog.nodes):
+            return
+        prog.nodes = keep
+
+
+def _qparams(prog: Program, node: Node, qtensor: str):
+    s, z = node.extra["s"], node.extra["z"]
+    dt = prog.t(qtensor).dtype
+    if s.size != 1 or z.size != 1 or dt not in QTYPES:
+        return None
+    return float(s[0]), int(z[0]), dt
+
+
+def _src(prog, prod, name):
+    """``name`` = DequantizeLinear(xq): (xq, scale, zero point, dtype)."""
+    d = prod.get(name)
+    if d is None or d.op != "DequantizeLinear":
+        return None
+    qp = _qparams(prog, d, d.inputs[0])
+    return None if qp is None else (d.inputs[0], *qp)
+
+
+def _const_scalar(prog, node, k, attr, default):
+    if node.opset < 11:
+        return float(node.attr(attr, default))
+    if k < len(node.inputs) and node.inputs[k]:
+        v = prog.t(node.inputs[k]).value
+        return None if v is None else float(np.asarray(v).reshape(-1)[0])
+    return default
+
+
+def _sink(prog, cons, name, allow_act=True):
+    """``name`` -> [Relu | Clip] -> QuantizeLinear: (nodes to drop, yq, scale, zp, dtype,
+    lo, hi) with the activation's float bounds."""
+    lo, hi = -math.inf, math.inf
+    removed = []
+    cur = name
+    for _ in range(2):
+        if cur in prog.outputs or len(cons.get(cur, [])) != 1:
+            return None
+        u = cons[cur][0]
+        if u.op == "QuantizeLinear" and u.inputs[0] == cur:
+            qp = _qparams(prog, u, u.outputs[0])
+            if qp is None:
+                return None
+            return [*removed, u], u.outputs[0], *qp, lo, hi
+        if not allow_act or removed or u.op not in ("Relu", "Clip"):
+            return None
+        if u.op == "Relu":
+            lo = 0.0
+        else:
+            lo = _const_scalar(prog, u, 1, "min", -math.inf)
+            hi = _const_scalar(prog, u, 2, "max", math.inf)
+            if lo is None or hi is None:
+                return None
+        removed.append(u)
+        cur = u.outputs[0]
+    return None
+
+
+def _clamp(s, z, dt, lo, hi) -> tuple[int, int]:
+    _, qmin, qmax = QTYPES[dt]
+    if lo > -math.inf:
+        qmin = max(qmin, z + int(np.round(lo / s)))
+    if hi < math.inf:
+        qmax = min(qmax, z + int(np.round(hi / s)))
+    return qmin, qmax
+
+
+def _replace(prog, old: Node, new: Node, removed) -> None:
+    prog.nodes[prog.nodes.index(old)] = new
+    drop = {id(r) for r in removed}
+    prog.nodes = [n for n in prog.nodes if id(n) not in drop]
+
+
+def _int_weights(qi, channels: int, axis: int):
+    """(integer weights minus zero points, per-channel scales, C type) or None."""
+    q = np.asarray(qi["q"])
+    if q.dtype not in QTYPES:
+        return None
+    s = np.asarray(qi["scale"], np.float64).reshape(-1)
+    z = np.asarray(qi["zp"]).astype(np.int32).reshape(-1)
+    per = s.size > 1 or z.size > 1
+    if per and (qi["axis"] % q.ndim) != axis:
+        return None
+    if s.size not in (1, channels) or z.size not in (1, channels):
+        return None
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    w = q.astype(np.int32) - (z.reshape(shape) if z.size > 1 else z[0])
+    wt = "int8_t" if w.min(initial=0) >= -128 and w.max(initial=0) <= 127 else "int16_t"
+    w = w.astype(np.int8 if wt == "int8_t" else np.int16)
+    return w, np.broadcast_to(s, (channels,)).astype(np.float64), wt
+
+
+def _int_bias(prog, name, scale):
+    if not name:
+        return None
+    t = prog.t(name)
+    if t.value is None:
+        raise Unsupported("bias is not a constant")
+    b = np.asarray(t.value, np.float64).reshape(-1)
+    b = np.round(np.broadcast_to(b, scale.shape) / scale)
+    return np.clip(b, -(2**31), 2**31 - 1).astype(np.int32)
+
+
+def _common(src, sink, ms):
+    xq, sx, zx, xdt = src
+    removed, yq, sy, zy, ydt, lo, hi = sink
+    qmin, qmax = _clamp(sy, zy, ydt, lo, hi)
+    qm, qs = _multipliers(ms)
+    return dict(
+        zx=zx, zy=zy, qmin=qmin, qmax=qmax, qm=qm, qs=qs, xt=QTYPES[xdt][0], yt=QTYPES[ydt][0]
+    )
+
+
+def _fused(removed) -> str | None:
+    acts = [f"{r.op} {r.name!r}" for r in removed if r.op in ("Relu", "Clip")]
+    return acts[0] if acts else None
+
+
+def _conv(prog, node, prod, cons):
+    src = _src(prog, prod, node.inputs[0])
+    w = prog.t(node.inputs[1])
+    if src is None or w.qinfo is None:
+        return False
+    sink = _sink(prog, cons, node.outputs[0])
+    if sink is None:
+        return False
+    m = w.shape[0]
+    iw = _int_weights(w.qinfo, m, 0)
+    if iw is None:
+        return False
+    warr, sw, wt = iw
+    sx, sy = src[1], sink[2]
+    bias = _int_bias(prog, node.inputs[2] if len(node.inputs) > 2 else "", sx * sw)
+    n, geo = conv_geometry(node, prog.t(node.inputs[0]).shape, w.shape)
+    extra = _common(src, sink, sx * sw / sy)
+    extra.update(geo=geo, n=n, w=warr, bias=bias, wt=wt, fused=_fused(sink[0]))
+    _replace(
+        prog,
+        node,
+        Node("QConv_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
+        sink[0],
+    )
+    return True
+
+
+def _fc(prog, node, prod, cons):
+    src = _src(prog, prod, node.inputs[0])
+    b = prog.t(node.inputs[1])
+    if src is None or b.qinfo is None or len(b.shape) != 2:
+        return False
+    c_name = ""
+    if node.op == "Gemm":
+        if (
+            int(node.attr("transA", 0))
+            or float(node.attr("alpha", 1.0)) != 1.0
+            or (len(node.inputs) > 2 and node.inputs[2] and float(node.attr("beta", 1.0)) != 1.0)
+        ):
+            return False
+        c_name = node.inputs[2] if len(node.inputs) > 2 else ""
+        trans_b = int(node.attr("transB", 0))
+    else:
+        trans_b = 0
+    sink = _sink(prog, cons, node.outputs[0])
+    if sink is None:
+        return False
+    n = b.shape[0] if trans_b else b.shape[1]
+    iw = _int_weights(b.qinfo, n, 0 if trans_b else 1)
+    if iw is None:
+        return False
+    warr, sw, wt = iw
+    if not trans_b:
+        warr = np.ascontiguousarray(warr.T)
+    if c_name and prog.t(c_name).size not in (1, n):
+        return False
+    sx, sy = src[1], sink[2]
+    x = prog.t(node.inputs[0])
+    extra = _common(src, sink, sx * sw / sy)
+    extra.update(
+        w=warr,
+        bias=_int_bias(prog, c_name, sx * sw),
+        wt=wt,
+        rows=x.size // x.shape[-1],
+        fused=_fused(sink[0]),
+    )
+    _replace(
+        prog,
+        node,
+        Node("QFc_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
+        sink[0],
+    )
+    return True
+
+
+def _add(prog, node, prod, cons):
+    a, b = _src(prog, prod, node.inputs[0]), _src(prog, prod, node.inputs[1])
+    if a is None or b is None or a[3] != b[3]:
+        return False
+    if not prog.t(a[0]).shape == prog.t(b[0]).shape == prog.t(node.outputs[0]).shape:
+        return False
+    sink = _sink(prog, cons, node.outputs[0])
+    if sink is None:
+        return False
+    sa, sb, sy = a[1], b[1], sink[2]
+    twice = 2.0 * max(sa, sb)
+    extra = _common(a, sink, [1.0])
+    ma, sha = quantize_multiplier(sa / twice)
+    mb, shb = quantize_multiplier(sb / twice)
+    mo, sho = quantize_multiplier(twice / ((1 << 20) * sy))
+    extra.update(
+        za=a[2], zb=b[2], ma=ma, sa=sha, mb=mb, sb=shb, mo=mo, so=sho, fused=_fused(sink[0])
+    )
+    _replace(
+        prog,
+        node,
+        Node("QAdd_i8", node.name, [a[0], b[0]], [sink[1]], node.attrs, node.opset, extra),
+        sink[0],
+    )
+    return True
+
+
+def _avg(prog, node, prod, cons):
+    src = _src(prog, prod, node.inputs[0])
+    if src is None:
+        return False
+    sink = _sink(prog, cons, node.outputs[0])
+    if sink is None:
+        return False
+    x = prog.t(node.inputs[0])
+    nd = len(x.shape) - 2
+    if not 1 <= nd <= 3:
+        return False
+    if node.op == "GlobalAveragePool":
+        sp = list(x.shape[2:])
+        p = dict(
+            out=[1] * nd, kernel=sp, strides=[1] * nd, dilations=[1] * nd, pb=[0] * nd, pe=[0] * nd
+        )
+        include = 0
+    else:
+        p = node.extra["p"]
+        include = int(node.attr("count_include_pad", 0))
+    most = int(np.prod(p["kernel"], dtype=np.int64))
+    scale = src[1] / sink[2]
+    ms = [0.0] + [scale / c for c in range(1, most + 1)]
+    extra = _common(src, sink, ms)
+    extra.update(p=p, include_pad=include, fused=_fused(sink[0]))
+    _replace(
+        prog,
+        node,
+        Node("QAvgPool_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
+        sink[0],
+    )
+    return True
+
+
+def _transparent(prog, node, prod, cons):
+    """An op that only moves or selects values: run it on the integers when input and output
+    share one scale and zero point."""
+    if len([o for o in node.outputs if o]) != 1:
+        return False
+    data = [k for k, i in enumerate(node.inputs) if i] if node.op == "Concat" else [0]
+    srcs = [_src(prog, prod, node.inputs[k]) for k in data]
+    if any(s is None for s in srcs):
+        return False
+    sink = _sink(prog, cons, node.outputs[0], allow_act=False)
+    if sink is None:
+        return False
+    key = sink[2:5]
+    if any(tuple(s[1:4]) != key for s in srcs):
+        return False
+    for k, s in zip(data, srcs):
+        node.inputs[k] = s[0]
+    node.outputs[0] = sink[1]
+    _replace(prog, node, node, sink[0])
+    return True
+
+
+_RULES = {
+    "Conv": _conv,
+    "Gemm": _fc,
+    "MatMul": _fc,
+    "Add": _add,
+    "AveragePool": _avg,
+    "GlobalAveragePool": _avg,
+}

@@ -1,0 +1,156 @@
+"""int8: QDQ models lowered to integer kernels, against ORT's int8 execution.
+
+digits:vgg quantized by ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8
+weights; int8 and uint8 activations) and by graphopt's own ``fold-bn,qdq`` pipeline. The C
+output must be within one quantization step of ORT's on >= 99.9% of the elements and give
+the same top-1 on the whole digits test split; every Conv/Gemm must run as an integer kernel.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import graphopt
+from graphopt.backends.c import build, emit
+from graphopt.backends.c.build import STRICT, find_compiler
+from graphopt.backends.c.kernels_int8 import quantize_multiplier
+from graphopt.backends.onnxruntime import export
+from graphopt.digits import load_digits_data
+from graphopt.models import load_model
+
+from .test_c_models import MAIN, _sanitizer_works
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data()
+
+
+@pytest.fixture(scope="module")
+def float_vgg(tmp_path_factory):
+    model, (x,) = load_model("digits:vgg")
+    path = tmp_path_factory.mktemp("int8") / "vgg.onnx"
+    export(graphopt.trace(model, (x,)), path, dynamic_batch=False)
+    return path, model, x
+
+
+def _quantize(src, dst, digits, activation):
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    xs = digits.x_train.numpy()[:256]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": xs[i : i + 1]} for i in range(len(xs))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=activation,
+        weight_type=QuantType.QInt8,
+    )
+    return dst
+
+
+def _outputs(cm, sess, xs):
+    name = sess.get_inputs()[0].name
+    c = np.stack([cm.run(xs[i : i + 1])[0][0] for i in range(len(xs))])
+    o = np.stack([sess.run(None, {name: xs[i : i + 1]})[0][0] for i in range(len(xs))])
+    return c, o
+
+
+def _output_scale(path):
+    model = onnx.load(str(path))
+    last = [n for n in model.graph.node if n.output[0] == model.graph.output[0].name][0]
+    assert last.op_type == "DequantizeLinear"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return float(inits[last.input[1]])
+
+
+@pytest.mark.parametrize("activation", ["QInt8", "QUInt8"])
+def test_quantize_static_model(float_vgg, digits, tmp_path, activation):
+    from onnxruntime.quantization import QuantType
+
+    path = _quantize(float_vgg[0], tmp_path / "q.onnx", digits, getattr(QuantType, activation))
+    cm = build(path)
+    ops = cm.report["op_counts"]
+    assert ops.get("QConv_i8") == 4 and ops.get("QFc_i8") == 2, ops
+    assert "Conv" not in ops and "Gemm" not in ops, ops
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so)
+    xs = digits.x_test.numpy()
+    c, o = _outputs(cm, sess, xs)
+    steps = np.abs(c - o) / _output_scale(path)
+    within = float((steps <= 1.0 + 1e-3).mean())
+    agree = float((c.argmax(1) == o.argmax(1)).mean())
+    print(
+        f"{activation}: {within:.5f} of outputs within one step of ORT (max {steps.max():.2f} "
+        f"steps); top-1 agreement {agree:.4f} on {len(xs)} test images; weights "
+        f"{cm.weight_bytes} B, arena {cm.arena_bytes} B"
+    )
+    assert within >= 0.999
+    assert agree == 1.0
+
+
+def test_graphopt_qdq_pass_model(float_vgg, digits, tmp_path):
+    _, model, x = float_vgg
+    g = graphopt.trace(model, (x,))
+    batches = [digits.x_train[i : i + 64] for i in range(0, 512, 64)]
+    result = graphopt.Pipeline.parse("fold-bn,qdq").run(g, data=batches)
+    path = export(result.graph, tmp_path / "gq.onnx", dynamic_batch=False)
+    cm = build(path)
+    assert cm.report["op_counts"].get("QConv_i8") == 4, cm.report["op_counts"]
+    sess = ort.InferenceSession(str(path))
+    xs = digits.x_test.numpy()[:120]
+    c, o = _outputs(cm, sess, xs)
+    # the last Gemm stays float (no Q after it): compare logits relative to their range
+    assert np.abs(c - o).max() <= 0.02 * (o.max() - o.min())
+    assert (c.argmax(1) == o.argmax(1)).mean() >= 0.99
+
+
+def test_quantize_multiplier():
+    for m in [1e-6, 0.0123, 0.5, 0.999999, 1.0, 3.7, 1000.0]:
+        qm, qs = quantize_multiplier(m)
+        assert 2**30 <= qm < 2**31
+        assert abs(qm * 2.0 ** -(31 + qs) - m) <= m * 2**-30
+    assert quantize_multiplier(0.0) == (0, 0)
+
+
+def test_int8_asan_ubsan_clean(float_vgg, digits, tmp_path):
+    cc = find_compiler()
+    if not _sanitizer_works(cc, tmp_path):
+        pytest.skip("the compiler's AddressSanitizer/UBSan runtime is not available")
+    from onnxruntime.quantization import QuantType
+
+    path = _quantize(float_vgg[0], tmp_path / "q.onnx", digits, QuantType.QInt8)
+    emit(path, tmp_path, name="net")
+    (tmp_path / "main.c").write_text(MAIN)
+    x = digits.x_test.numpy()[:1]
+    (tmp_path / "x.bin").write_bytes(x.astype(np.float32).tobytes())
+    flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    subprocess.run(
+        [cc, *STRICT, *flags, "-o", "net", "main.c", "net.c", "net_weights.c", "-lm"],
+        cwd=tmp_path,
+        check=True,
+    )
+    r = subprocess.run(["./net"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "runtime error" not in r.stderr

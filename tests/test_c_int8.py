@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import numpy_helper
 
 import graphopt
@@ -134,16 +135,21 @@ def test_quantize_multiplier():
     assert quantize_multiplier(0.0) == (0, 0)
 
 
-def test_int8_asan_ubsan_clean(float_vgg, digits, tmp_path):
+@pytest.mark.parametrize("which", ["digits:vgg", "tiny"])
+def test_int8_asan_ubsan_clean(float_vgg, digits, tmp_path, which):
     cc = find_compiler()
     if not _sanitizer_works(cc, tmp_path):
         pytest.skip("the compiler's AddressSanitizer/UBSan runtime is not available")
     from onnxruntime.quantization import QuantType
 
-    path = _quantize(float_vgg[0], tmp_path / "q.onnx", digits, QuantType.QInt8)
+    if which == "tiny":
+        path, xs = _tiny_quantized(tmp_path)
+        x = xs[0]
+    else:
+        path = _quantize(float_vgg[0], tmp_path / "q.onnx", digits, QuantType.QInt8)
+        x = digits.x_test.numpy()[:1]
     emit(path, tmp_path, name="net")
     (tmp_path / "main.c").write_text(MAIN)
-    x = digits.x_test.numpy()[:1]
     (tmp_path / "x.bin").write_bytes(x.astype(np.float32).tobytes())
     flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     subprocess.run(
@@ -154,3 +160,71 @@ def test_int8_asan_ubsan_clean(float_vgg, digits, tmp_path):
     r = subprocess.run(["./net"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "runtime error" not in r.stderr
+
+
+class _Tiny(torch.nn.Module):
+    """Depthwise, pointwise (wide enough for the pixel-vectorised kernel), residual add,
+    average/max pooling, concat, global pool, linear: every int8 rule."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 16, 1))
+        self.dw2 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.avg = nn.AvgPool2d(2)
+        self.max = nn.MaxPool2d(2)
+        self.fc = nn.Linear(48, 7)
+
+    def forward(self, x):
+        a = self.dw(self.stem(x))
+        b = torch.relu(a + self.pw(a))
+        c = torch.cat([self.avg(b), self.max(b), self.dw2(b)], 1)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(c, 1), 1))
+
+
+def _tiny_quantized(tmp_path):
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x = torch.randn(1, 3, 12, 12)
+    src = export(graphopt.trace(model, (x,)), tmp_path / "tiny.onnx", dynamic_batch=False)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(24)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": v} for v in xs[:16]])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    dst = tmp_path / "tiny_q.onnx"
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return dst, xs
+
+
+def test_int8_kernels_on_a_tiny_net(tmp_path):
+    dst, xs = _tiny_quantized(tmp_path)
+    cm = build(dst)
+    ops = cm.report["op_counts"]
+    assert ops.get("QConv_i8") == 5 and ops.get("QAdd_i8") == 1 and ops.get("QFc_i8") == 1, ops
+    sess = ort.InferenceSession(str(dst))
+    c, o = _outputs(cm, sess, np.concatenate(xs))
+    steps = np.abs(c - o) / _output_scale(dst)
+    assert (steps <= 1.0 + 1e-3).mean() >= 0.999, steps.max()

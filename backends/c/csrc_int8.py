@@ -146,3 +146,82 @@ static void gp_qavg_TAG(const XT *x, YT *y, long NC, const int *in, const int *o
 
 def specialise(code: str, tag: str, xt: str, yt: str, wt: str = "int8_t") -> str:
     return code.replace("TAG", tag).replace("XT", xt).replace("YT", yt).replace("WT", wt)
+
+
+# depthwise (G == C == M): each output row in chunks of 64 int32 accumulators; per tap an
+# axpy over the valid part of the chunk (contiguous for stride 1)
+QDW = r"""
+static void gp_qdw_TAG(const XT *x, const WT *w, const int32_t *b, YT *y, int C, int H, int W,
+                       int OH, int OW, int KH, int KW, int sh, int sw, int dh, int dw, int ph,
+                       int pw, int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin,
+                       int qmax)
+{
+  int c, oh, o0, kh, kw, j;
+  for (c = 0; c < C; ++c) {
+    const XT *xc = x + (long)c * H * W;
+    const WT *wc = w + (long)c * KH * KW;
+    for (oh = 0; oh < OH; ++oh)
+      for (o0 = 0; o0 < OW; o0 += 64) {
+        const int n = gp_imin(64, OW - o0);
+        int32_t acc[64];
+        for (j = 0; j < n; ++j) acc[j] = b ? b[c] : 0;
+        for (kh = 0; kh < KH; ++kh) {
+          const int ih = oh * sh - ph + kh * dh;
+          const XT *xr = xc + (long)(ih < 0 ? 0 : ih) * W;
+          if (ih < 0 || ih >= H) continue;
+          for (kw = 0; kw < KW; ++kw) {
+            const int32_t wv = (int32_t)wc[kh * KW + kw];
+            const int j0 = gp_imax(0, gp_cdiv(pw - kw * dw, sw) - o0);
+            const int j1 = gp_imin(n, gp_fdiv(W - 1 + pw - kw * dw, sw) + 1 - o0);
+            const long base = (long)o0 * sw - pw + kw * dw;
+            if (sw == 1) {
+              for (j = j0; j < j1; ++j) acc[j] += ((int32_t)xr[base + j] - zx) * wv;
+            } else {
+              for (j = j0; j < j1; ++j) acc[j] += ((int32_t)xr[base + (long)j * sw] - zx) * wv;
+            }
+          }
+        }
+        for (j = 0; j < n; ++j)
+          y[((long)c * OH + oh) * OW + o0 + j] =
+              (YT)gp_requant_clamp(acc[j], qm[c], qs[c], zy, qmin, qmax);
+      }
+  }
+}
+"""
+
+# 1x1, stride 1, no padding: Y[M][P] = W[M][C] X[C][P] vectorised over pixels, weights packed
+# [M/4][C][4]
+QPW = r"""
+static void gp_qpw_TAG(const XT *x, const WT *wp, const int32_t *b, YT *y, int C, int M, long P,
+                       int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const int nmb = (M + 3) / 4;
+  int mb, r, c;
+  long p0, j;
+  for (mb = 0; mb < nmb; ++mb) {
+    const WT *wb = wp + (long)mb * C * 4;
+    const int m0 = mb * 4, mc = gp_imin(4, M - m0);
+    for (p0 = 0; p0 < P; p0 += 32) {
+      const long np = P - p0 < 32 ? P - p0 : 32;
+      int32_t acc[4][32], xv[32];
+      for (r = 0; r < 4; ++r) {
+        const int32_t bv = (b && r < mc) ? b[m0 + r] : 0;
+        for (j = 0; j < 32; ++j) acc[r][j] = bv;
+      }
+      for (c = 0; c < C; ++c) {
+        const XT *xr = x + (long)c * P + p0;
+        const WT *wr = wb + (long)c * 4;
+        for (j = 0; j < 32; ++j) xv[j] = j < np ? (int32_t)xr[j] - zx : 0;
+        for (r = 0; r < 4; ++r) {
+          const int32_t wv = (int32_t)wr[r];
+          GP_NOUNROLL for (j = 0; j < 32; ++j) acc[r][j] += wv * xv[j];
+        }
+      }
+      for (r = 0; r < mc; ++r)
+        for (j = 0; j < np; ++j)
+          y[(long)(m0 + r) * P + p0 + j] =
+              (YT)gp_requant_clamp(acc[r][j], qm[m0 + r], qs[m0 + r], zy, qmin, qmax);
+    }
+  }
+}
+"""

@@ -184,6 +184,31 @@ class QConv(Op):
                 "G",
             )
         )
+        tag = _TAG[xt] + _TAG[wt] + _TAG[yt]
+        q = _qargs(cg, e)
+        head = (
+            f"  const {xt} *x = {cg.ptr(node.inputs[0])};\n"
+            f"  {yt} *y = {cg.ptr(node.outputs[0])};\n  int n;\n"
+            f"  for (n = 0; n < {e['n']}; ++n)\n"
+        )
+        if conv_fast.pointwise(geo):
+            cg.helper(f"qpw_{tag}", csrc_int8.specialise(csrc_int8.QPW, tag, xt, yt, wt))
+            w = cg.weight(conv_fast.pack(e["w"], 1, 4, e["w"].dtype).reshape(-1), "qpw_w_packed_4")
+            return (
+                head + f"    gp_qpw_{tag}(x + (long)n * {xs}, {w}, {bias}, "
+                f"y + (long)n * {ys}, {geo['C']}, {geo['M']}, {geo['H'] * geo['W']}, {q});"
+            )
+        if geo["G"] == geo["C"] == geo["M"]:
+            cg.helper(f"qdw_{tag}", csrc_int8.specialise(csrc_int8.QDW, tag, xt, yt, wt))
+            w = cg.weight(e["w"].reshape(-1), "qdw_w")
+            dargs = ", ".join(
+                str(geo[k])
+                for k in ("C", "H", "W", "OH", "OW", "KH", "KW", "sh", "sw", "dh", "dw", "ph", "pw")
+            )
+            return (
+                head + f"    gp_qdw_{tag}(x + (long)n * {xs}, {w}, {bias}, "
+                f"y + (long)n * {ys}, {dargs}, {q});"
+            )
         if conv_fast.applicable(geo):
             mb = conv_fast.block_size(geo["M"] // geo["G"])
             fn, src = conv_fast.convp_source(mb, {"xt": xt, "yt": yt, "wt": wt})
@@ -193,16 +218,10 @@ class QConv(Op):
                 f"qconv_w_packed_{mb}",
             )
         else:
-            tag = _TAG[xt] + _TAG[wt] + _TAG[yt]
             fn = f"gp_qconv_{tag}"
             cg.helper(fn, csrc_int8.specialise(csrc_int8.QCONV, tag, xt, yt, wt))
             w = cg.weight(e["w"].reshape(-1), "qconv_w")
-        return (
-            f"  const {xt} *x = {cg.ptr(node.inputs[0])};\n  {yt} *y = {cg.ptr(node.outputs[0])};\n"
-            f"  int n;\n  for (n = 0; n < {e['n']}; ++n)\n"
-            f"    {fn}(x + (long)n * {xs}, {w}, {bias}, y + (long)n * {ys}, {args}, "
-            f"{_qargs(cg, e)});"
-        )
+        return head + f"    {fn}(x + (long)n * {xs}, {w}, {bias}, y + (long)n * {ys}, {args}, {q});"
 
 
 class QFc(Op):

@@ -539,7 +539,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n_test = result.n_test
     _out(f"graphopt demo: {DEMO_MODEL} on the scikit-learn digits test split ({n_test} images)")
     _out(table(result.rows))
-    _out(f"\nwrote {', '.join(result.written)} to {cfg.out}")
+    top = [w for w in result.written if "/" not in w]
+    n_onnx = sum(w.startswith("stages/") for w in result.written)
+    n_c = sum(w.startswith("c/") for w in result.written)
+    parts = top + [f"stages/ ({n_onnx} ONNX models)"] + ([f"c/ ({n_c} C builds)"] if n_c else [])
+    _out(f"\nwrote {', '.join(parts)} to {cfg.out}")
     return 0
 
 

@@ -21,11 +21,12 @@ from .codegen import CodeGen, stamp
 from .kernels_data import DATA_OPS
 from .kernels_float import FLOAT_OPS
 from .kernels_int8 import INT8_OPS
+from .kernels_pool import POOL_OPS
 from .qdq_lower import lower_qdq
 
 log = logging.getLogger(__name__)
 
-OPS: dict[str, Any] = {**DATA_OPS, **FLOAT_OPS, **INT8_OPS}
+OPS: dict[str, Any] = {**DATA_OPS, **FLOAT_OPS, **POOL_OPS, **INT8_OPS}
 _FUSE_INTO = ("Conv", "Gemm", "MatMul", "Add")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

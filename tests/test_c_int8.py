@@ -223,6 +223,7 @@ def test_int8_kernels_on_a_tiny_net(tmp_path):
     dst, xs = _tiny_quantized(tmp_path)
     cm = build(dst)
     ops = cm.report["op_counts"]
+    assert ops.get("QRequant_i8") == 3, ops  # concat of three differently scaled inputs
     assert ops.get("QConv_i8") == 5 and ops.get("QAdd_i8") == 1 and ops.get("QFc_i8") == 1, ops
     sess = ort.InferenceSession(str(dst))
     c, o = _outputs(cm, sess, np.concatenate(xs))

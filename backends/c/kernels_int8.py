@@ -285,7 +285,23 @@ class QAvgPool(Op):
         )
 
 
+class QRequant(Op):
+    """``y = clamp(zy + (x - zx) * sx / sy)``: one integer tensor to another scale."""
+
+    def emit(self, node, cg):
+        e = node.extra
+        _helpers(cg)
+        return (
+            f"  const {e['xt']} *x = {cg.ptr(node.inputs[0])};\n"
+            f"  {e['xt']} *y = {cg.ptr(node.outputs[0])};\n  long i;\n"
+            f"  for (i = 0; i < {cg.t(node.outputs[0]).size}; ++i)\n"
+            f"    y[i] = ({e['xt']})gp_requant_clamp((int32_t)x[i] - {e['zx']}, {e['qm']}, "
+            f"{e['qs']}, {e['zy']}, {e['qmin']}, {e['qmax']});"
+        )
+
+
 INT8_OPS: dict[str, Op] = {
+    "QRequant_i8": QRequant(),
     "QuantizeLinear": QuantizeLinear(),
     "DequantizeLinear": DequantizeLinear(),
     "QConv_i8": QConv(),

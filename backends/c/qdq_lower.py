@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .ir import Node, Program, Unsupported
+from .ir import Node, Program, Tensor, Unsupported
 from .kernels_float import conv_geometry
 from .kernels_int8 import QTYPES, _multipliers, quantize_multiplier
 
@@ -298,7 +298,11 @@ def _avg(prog, node, prod, cons):
     nd = len(x.shape) - 2
     if not 1 <= nd <= 3:
         return False
-    if node.op == "GlobalAveragePool":
+    if node.op == "ReduceMean":
+        keep = node.extra["keep_shape"]
+        if list(keep[:2]) != list(x.shape[:2]) or any(d != 1 for d in keep[2:]):
+            return False
+    if node.op in ("GlobalAveragePool", "ReduceMean"):
         sp = list(x.shape[2:])
         p = dict(
             out=[1] * nd, kernel=sp, strides=[1] * nd, dilations=[1] * nd, pb=[0] * nd, pe=[0] * nd
@@ -335,7 +339,30 @@ def _transparent(prog, node, prod, cons):
         return False
     key = sink[2:5]
     if any(tuple(s[1:4]) != key for s in srcs):
-        return False
+        if node.op != "Concat" or any(s[3] != key[2] for s in srcs):
+            return False
+        # Concat of differently scaled inputs: requantise those to the output's scale first
+        for k, src in zip(data, srcs):
+            if tuple(src[1:4]) == key:
+                continue
+            name = f"{src[0]}__requant_{node.name}"
+            xt = prog.t(src[0])
+            prog.tensors[name] = Tensor(name, xt.shape, xt.dtype)
+            _, qmin, qmax = QTYPES[xt.dtype]
+            qm, qs = quantize_multiplier(src[1] / key[0])
+            req = Node(
+                "QRequant_i8",
+                f"{node.name}_requant{k}",
+                [src[0]],
+                [name],
+                {},
+                node.opset,
+                dict(
+                    zx=src[2], zy=key[1], qm=qm, qs=qs, qmin=qmin, qmax=qmax, xt=QTYPES[xt.dtype][0]
+                ),
+            )
+            prog.nodes.insert(prog.nodes.index(node), req)
+            srcs[data.index(k)] = (name, *key)
     for k, s in zip(data, srcs):
         node.inputs[k] = s[0]
     node.outputs[0] = sink[1]
@@ -350,4 +377,5 @@ _RULES = {
     "Add": _add,
     "AveragePool": _avg,
     "GlobalAveragePool": _avg,
+    "ReduceMean": _avg,
 }

@@ -229,3 +229,78 @@ def test_int8_kernels_on_a_tiny_net(tmp_path):
     c, o = _outputs(cm, sess, np.concatenate(xs))
     steps = np.abs(c - o) / _output_scale(dst)
     assert (steps <= 1.0 + 1e-3).mean() >= 0.999, steps.max()
+
+
+def _qdq_graph(op_nodes, x_shape, out_shape, tmp_path, name):
+    """x -> Q -> DQ -> ops (reading 'xf', writing 'yf') -> Q -> DQ -> y, int8 scales fixed."""
+    from onnx import TensorProto, helper
+
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+        numpy_helper.from_array(np.array(3, np.int8), "zx"),
+        numpy_helper.from_array(np.array(0.03, np.float32), "sy"),
+        numpy_helper.from_array(np.array(-5, np.int8), "zy"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
+        *op_nodes,
+        helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["reduce_mean", "avgpool_pads", "avgpool_include_pad", "add_relu", "maxpool"],
+)
+def test_int8_rules_on_handmade_groups(case, tmp_path):
+    from onnx import helper
+
+    shape = (1, 3, 7, 6)
+    if case == "reduce_mean":
+        nodes = [helper.make_node("ReduceMean", ["xf", "axes"], ["yf"], keepdims=1)]
+        out, lowered = (1, 3, 1, 1), "QAvgPool_i8"
+    elif case.startswith("avgpool"):
+        nodes = [
+            helper.make_node(
+                "AveragePool",
+                ["xf"],
+                ["yf"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                count_include_pad=int(case.endswith("include_pad")),
+            )
+        ]
+        out, lowered = (1, 3, 4, 3), "QAvgPool_i8"
+    elif case == "add_relu":
+        nodes = [
+            helper.make_node("Add", ["xf", "xf"], ["s"]),
+            helper.make_node("Relu", ["s"], ["yf"]),
+        ]
+        out, lowered = shape, "QAdd_i8"
+    else:
+        nodes = [helper.make_node("MaxPool", ["xf"], ["yf"], kernel_shape=[2, 2])]
+        out, lowered = (1, 3, 6, 5), "MaxPool"
+    model = _qdq_graph(nodes, shape, out, tmp_path, case)
+    cm = build(model, flags=("-O1",))
+    assert lowered in cm.report["op_counts"], cm.report["op_counts"]
+    if case == "maxpool":  # same scale in and out is required; here they differ: stays float
+        assert cm.report["op_counts"].get("DequantizeLinear") == 2
+    sess = ort.InferenceSession(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.uniform(-4, 4, shape).astype(np.float32)
+        (got,) = cm.run(x)
+        ref = sess.run(None, {"x": x})[0]
+        assert (np.abs(got - ref) / 0.03 <= 1.0 + 1e-3).all()

@@ -156,6 +156,7 @@ def build(
     name: str = "model",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     out_dir: str | os.PathLike | None = None,
+    sparse: bool = True,
 ) -> CModel:
     """Emit the model's C, compile it with ``cc`` into a shared library (in a temporary
     directory unless ``out_dir`` is given) and load it.
@@ -168,7 +169,7 @@ def build(
         tmp = tempfile.TemporaryDirectory(prefix="graphopt-c-")
         out_dir = tmp.name
     out = Path(out_dir)
-    report = emit(onnx_model_or_path, out, name=name, input_shapes=input_shapes)
+    report = emit(onnx_model_or_path, out, name=name, input_shapes=input_shapes, sparse=sparse)
     lib = out / f"lib{name}.so"
     secs = compile_shared([out / f"{name}.c", out / f"{name}_weights.c"], lib, cc, flags)
     log.info("compiled %s in %.1fs", lib, secs)

@@ -22,6 +22,8 @@ class CodeGen:
         self.weights: list[tuple[str, str, np.ndarray, str]] = []  # symbol, ctype, array, what
         self.const_sym: dict[str, str] = {}
         self.helpers: dict[str, str] = {}
+        self.sparse = True  # store weights sparse where that is smaller (see sparse.py)
+        self.sparse_layers: list[dict] = []
 
     # -- EmitContext ----------------------------------------------------------------------
     def t(self, name):

@@ -96,6 +96,7 @@ def emit(
     out_dir: str | os.PathLike,
     name: str = "model",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    sparse: bool = True,
 ) -> dict[str, Any]:
     """Write ``<name>.h``, ``<name>.c``, ``<name>_weights.c`` and ``report.json`` to
     ``out_dir`` and return the report.
@@ -103,13 +104,17 @@ def emit(
     The model must have static shapes; a symbolic dimension 0 of an input (the batch) is fixed
     to 1, other symbolic dimensions need ``input_shapes={input: shape}``. Unsupported ops or
     attributes raise one :class:`~graphopt.errors.BackendError` listing every offending node
-    before anything is written; each file is written atomically.
+    before anything is written; each file is written atomically. With ``sparse`` (default) a
+    conv or fully-connected layer whose constant weights are mostly zero is stored as a
+    relative-index stream when that is smaller than dense (:mod:`.sparse`); the report lists
+    those layers.
     """
     if not _NAME.match(name):
         raise BackendError(f"name {name!r} is not a C identifier")
     prog = compile_program(onnx_model_or_path, input_shapes)
     plan = planner.plan(prog, OPS)
     cg = CodeGen(prog, plan, name, OPS)
+    cg.sparse = sparse
     src, weights = cg.source(plan.arena_bytes)
     header = cg.header(plan.arena_bytes)
     report = _report(prog, plan, cg, name, onnx_model_or_path)
@@ -152,6 +157,7 @@ def _report(prog, plan, cg, name, source) -> dict[str, Any]:
         "fused_activations": dict(sorted(fused.items())),
         "folded_nodes": prog.folded,
         "weight_bytes": cg.weight_bytes(),
+        "sparse_layers": cg.sparse_layers,
         "arena_bytes": plan.arena_bytes,
         "arena_lower_bound_bytes": plan.lower_bound,
         "arena_ratio": round(plan.arena_bytes / plan.lower_bound, 4) if plan.lower_bound else 1.0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv_fast, csrc_float
+from . import conv_fast, csrc_float, sparse
 from .cgen import broadcast_strides, c_float, c_scalar, collapse, index_expr, loop_nest, strides_of
 from .ir import FLOAT, Node, Unsupported
 from .opbase import (
@@ -269,6 +269,14 @@ class Conv(Op):
         C, H, W, M, OH, OW = (geo[k] for k in ("C", "H", "W", "M", "OH", "OW"))
         act = node.extra.get("act")
         bias = cg.ptr(b.name) if b is not None else "0"
+        if w.value is not None:
+            wv = np.asarray(w.value, np.float32)
+            code = sparse.emit_conv(cg, node, geo, wv, N, cg.ptr(x.name), cg.ptr(y.name), bias)
+            if code is not None:
+                cg.helper("act", csrc_float.ACT)
+                return (
+                    code + f"\n  gp_act_f32({cg.ptr(y.name)}, {N * M * OH * OW}, {act_args(act)});"
+                )
         if w.value is not None and conv_fast.applicable(geo):
             return conv_fast.emit(cg, geo, w.value, b, N, cg.ptr(x.name), cg.ptr(y.name), act)
         cg.helper("div", csrc_float.DIV)
@@ -383,14 +391,6 @@ class Gemm(Op):
         M, N, K = e["M"], e["N"], e["K"]
         a, b = cg.t(node.inputs[0]), cg.t(node.inputs[1])
         sam, sak = (1, M) if e["ta"] else (K, 1)
-        if b.value is not None:  # constant B: store it K x N so the inner loop is contiguous
-            bk = b.value.T if e["tb"] else b.value
-            bsym = cg.weight(np.ascontiguousarray(bk, np.float32), "gemm_b")
-            sbk, sbn = N, 1
-        else:
-            bsym = cg.ptr(b.name)
-            sbk, sbn = (1, K) if e["tb"] else (N, 1)
-        cg.helper("gemm", csrc_float.GEMM)
         c_name = node.inputs[2] if len(node.inputs) > 2 else ""
         beta = float(node.attr("beta", 1.0)) if c_name else 0.0
         post = _bias_add(
@@ -401,6 +401,20 @@ class Gemm(Op):
             float(node.attr("alpha", 1.0)),
             node.extra.get("act"),
         )
+        if b.value is not None and not e["ta"]:
+            w_nk = np.asarray(b.value if e["tb"] else b.value.T, np.float32)
+            y = cg.ptr(node.outputs[0])
+            code = sparse.emit_fc(cg, node, w_nk, M, cg.ptr(a.name), "y", "0")
+            if code is not None:
+                return f"  float *y = {y};\n{code}\n{post}"
+        if b.value is not None:  # constant B: store it K x N so the inner loop is contiguous
+            bk = b.value.T if e["tb"] else b.value
+            bsym = cg.weight(np.ascontiguousarray(bk, np.float32), "gemm_b")
+            sbk, sbn = N, 1
+        else:
+            bsym = cg.ptr(b.name)
+            sbk, sbn = (1, K) if e["tb"] else (N, 1)
+        cg.helper("gemm", csrc_float.GEMM)
         return (
             f"  float *y = {cg.ptr(node.outputs[0])};\n"
             f"  gp_gemm_f32({cg.ptr(a.name)}, {sam}, {sak}, {bsym}, {sbk}, {sbn}, y, "

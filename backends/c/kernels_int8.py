@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from . import conv_fast, csrc_float, csrc_int8
+from . import conv_fast, csrc_float, csrc_int8, sparse
 from .cgen import c_float
 from .ir import FLOAT, Node, Tensor, Unsupported
 from .opbase import Op, need, norm_axis, opt
@@ -191,6 +191,12 @@ class QConv(Op):
             f"  {yt} *y = {cg.ptr(node.outputs[0])};\n  int n;\n"
             f"  for (n = 0; n < {e['n']}; ++n)\n"
         )
+        code = sparse.emit_conv(cg, node, geo, e["w"], e["n"], "x", "y", bias, q, (xt, wt, yt))
+        if code is not None:
+            return (
+                f"  const {xt} *x = {cg.ptr(node.inputs[0])};\n"
+                f"  {yt} *y = {cg.ptr(node.outputs[0])};\n{code}"
+            )
         if conv_fast.pointwise(geo):
             cg.helper(f"qpw_{tag}", csrc_int8.specialise(csrc_int8.QPW, tag, xt, yt, wt))
             w = cg.weight(conv_fast.pack(e["w"], 1, 4, e["w"].dtype).reshape(-1), "qpw_w_packed_4")
@@ -230,18 +236,23 @@ class QFc(Op):
         _helpers(cg)
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
         tag = _TAG[xt] + _TAG[wt] + _TAG[yt]
-        cg.helper(f"qfc_{tag}", csrc_int8.specialise(csrc_int8.QFC, tag, xt, yt, wt))
         w = e["w"]  # [N][K]
+        bias = cg.weight(e["bias"], "fc_bias_int32") if e["bias"] is not None else "0"
+        x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
+        q = _qargs(cg, e)
+        code = sparse.emit_fc(cg, node, w, e["rows"], x, y, bias, q, (xt, wt, yt))
+        if code is not None:
+            return code
+        cg.helper(f"qfc_{tag}", csrc_int8.specialise(csrc_int8.QFC, tag, xt, yt, wt))
         n, k = w.shape
         nb = -(-n // 32)
         wp = np.zeros((nb * 32, k), w.dtype)
         wp[:n] = w
         wp = np.ascontiguousarray(wp.reshape(nb, 32, k).transpose(0, 2, 1))
         wsym = cg.weight(wp.reshape(-1), "qfc_w_packed_32")
-        bias = cg.weight(e["bias"], "fc_bias_int32") if e["bias"] is not None else "0"
         return (
             f"  gp_qfc_{tag}({cg.ptr(node.inputs[0])}, {wsym}, {bias}, "
-            f"{cg.ptr(node.outputs[0])}, {e['rows']}, {n}, {k}, {_qargs(cg, e)});"
+            f"{cg.ptr(node.outputs[0])}, {e['rows']}, {n}, {k}, {q});"
         )
 
 

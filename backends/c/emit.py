@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -194,12 +195,8 @@ def main_emit(argv: list[str] | None = None) -> int:
     try:
         report = emit(args.model, args.out, name=args.name, input_shapes=shapes or None)
     except GraphoptError as e:
-        import sys
-
         sys.stderr.write(f"error: {e}\n")
         return 1
-    import sys
-
     sys.stdout.write(
         f"wrote {args.out}/{args.name}.h, {args.name}.c, {args.name}_weights.c, report.json: "
         f"{sum(report['op_counts'].values())} nodes, {report['weight_bytes']} weight bytes, "

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.backends.c import UnsupportedError, build, emit, main_emit
+from graphopt.backends.c import UnsupportedError, build, emit
 from graphopt.backends.c.build import STRICT, find_compiler
 from graphopt.errors import BackendError
 
@@ -159,13 +159,3 @@ def test_symbolic_dims():
 def test_missing_compiler():
     with pytest.raises(BackendError, match="no C compiler found"):
         build(_small_model(), cc="/nonexistent/cc-does-not-exist")
-
-
-def test_main_emit(tmp_path, capsys):
-    path = tmp_path / "m.onnx"
-    onnx.save(_small_model(), path)
-    assert main_emit([str(path), "--out", str(tmp_path / "o"), "--name", "tiny"]) == 0
-    assert (tmp_path / "o" / "tiny.h").exists()
-    assert "arena" in capsys.readouterr().out
-    assert main_emit([str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o2")]) == 1
-    assert "does not exist" in capsys.readouterr().err

@@ -9,7 +9,7 @@ See ``emit.emit`` for what is written, ``planner`` for the arena, ``kernels_*`` 
 """
 
 from .build import CModel, build, build_many, find_compiler
-from .emit import OPS, compile_program, emit, main_emit, supported_ops
+from .emit import OPS, compile_program, emit, supported_ops
 from .ir import UnsupportedError
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "compile_program",
     "emit",
     "find_compiler",
-    "main_emit",
     "supported_ops",
     "UnsupportedError",
 ]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import numpy as np
 import onnx
 
 from graphopt.atomic import write_json, write_text
-from graphopt.errors import BackendError, GraphoptError
+from graphopt.errors import BackendError
 
 from . import ir, planner
 from .codegen import CodeGen, stamp
@@ -167,39 +165,3 @@ def _report(prog, plan, cg, name, source) -> dict[str, Any]:
         "in_place_ops": plan.inplace,
         "views": plan.aliased,
     }
-
-
-def main_emit(argv: list[str] | None = None) -> int:
-    """``graphopt emit-c model.onnx --out DIR [--name NAME] [--input-shape NAME=1,3,32,32]``."""
-    parser = argparse.ArgumentParser(
-        prog="graphopt emit-c", description="Compile an ONNX model to dependency-free C99."
-    )
-    parser.add_argument("model", help="the ONNX file")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--name", default="model", help="C prefix and file stem (default model)")
-    parser.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=DIMS",
-        help="static shape for an input with symbolic dims, e.g. input=1,3,32,32",
-    )
-    args = parser.parse_args(argv)
-    shapes = {}
-    for item in args.input_shape:
-        key, _, dims = item.partition("=")
-        try:
-            shapes[key] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
-        except ValueError:
-            parser.error(f"--input-shape {item!r}: expected NAME=1,3,32,32")
-    try:
-        report = emit(args.model, args.out, name=args.name, input_shapes=shapes or None)
-    except GraphoptError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    sys.stdout.write(
-        f"wrote {args.out}/{args.name}.h, {args.name}.c, {args.name}_weights.c, report.json: "
-        f"{sum(report['op_counts'].values())} nodes, {report['weight_bytes']} weight bytes, "
-        f"arena {report['arena_bytes']} bytes (lower bound {report['arena_lower_bound_bytes']})\n"
-    )
-    return 0

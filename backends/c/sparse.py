@@ -103,7 +103,9 @@ _GAP = {
 }
 
 # Entries [e0, e1) of row m: positions below (m + 1) * R. Shared by every kernel below.
+# Conv kernels work on tiles of GP_SP_TILE output pixels: each entry is decoded once per tile.
 _ROW = r"""
+#define GP_SP_TILE 32
 #define GP_SP_ROW(GAP, d, nent, R, m, e, pos, e0, p0, e1)                               \
   do {                                                                                   \
     const long end_ = (long)((m) + 1) * (R);                                             \
@@ -118,29 +120,37 @@ static void gp_spconv_NAME(const XT *x, const WT *v, const uint8_t *d, long nent
                            YT *y, int C, int H, int W, int M, int OH, int OW, int sh, int sw,
                            int dh, int dw, int ph, int pw, int G QARGS)
 {
-  const int cg = C / G, mg = M / G, R = cg * KH_ * KW_;
+  const int cg = C / G, mg = M / G, R = cg * KH_ * KW_, P = OH * OW;
   long e = 0, pos = -1, e0, p0, e1, i;
-  int m, oh, ow;
+  int m, t, j;
   for (m = 0; m < M; ++m) {
     const XT *xg = x + (long)(m / mg) * cg * H * W;
     GP_SP_ROW(GAP, d, nent, R, m, e, pos, e0, p0, e1);
-    for (oh = 0; oh < OH; ++oh) {
-      const int ih0 = oh * sh - ph;
-      for (ow = 0; ow < OW; ++ow) {
-        const int iw0 = ow * sw - pw;
-        AT acc = b ? (AT)b[m] : (AT)0;
-        long p = p0 - (long)m * R;
-        for (i = e0; i < e1; ++i) {
-          p += GAP(d, i) + 1;
-          {
-            const int c = (int)(p / (KH_ * KW_)), r = (int)(p % (KH_ * KW_));
-            const int ih = ih0 + (r / KW_) * dh, iw = iw0 + (r % KW_) * dw;
+    for (t = 0; t < P; t += GP_SP_TILE) {
+      const int nt = P - t < GP_SP_TILE ? P - t : GP_SP_TILE;
+      int ih0[GP_SP_TILE], iw0[GP_SP_TILE];
+      AT acc[GP_SP_TILE];
+      long p = p0 - (long)m * R;
+      for (j = 0; j < nt; ++j) {
+        ih0[j] = ((t + j) / OW) * sh - ph;
+        iw0[j] = ((t + j) % OW) * sw - pw;
+        acc[j] = b ? (AT)b[m] : (AT)0;
+      }
+      for (i = e0; i < e1; ++i) {
+        p += GAP(d, i) + 1;
+        {
+          const int c = (int)(p / (KH_ * KW_)), r = (int)(p % (KH_ * KW_));
+          const int dy = (r / KW_) * dh, dx = (r % KW_) * dw;
+          const XT *xc = xg + (long)c * H * W;
+          const AT wv = (AT)v[i];
+          for (j = 0; j < nt; ++j) {
+            const int ih = ih0[j] + dy, iw = iw0[j] + dx;
             if ((unsigned)ih < (unsigned)H && (unsigned)iw < (unsigned)W)
-              acc += XV(xg[((long)c * H + ih) * W + iw]) * (AT)v[i];
+              acc[j] += XV(xc[(long)ih * W + iw]) * wv;
           }
         }
-        y[((long)m * OH + oh) * OW + ow] = OUT(acc, m);
       }
+      for (j = 0; j < nt; ++j) y[(long)m * P + t + j] = OUT(acc[j], m);
     }
   }
 }
@@ -186,13 +196,13 @@ def _render(
     if types is None:
         subst = _FLOAT
         code = re.sub(r"XV\(([^;]*?\])\)", r"\1", code)
-        code = re.sub(r"OUT\((\w+), (\w+)\)", r"\1", code)
+        code = re.sub(r"OUT\(([^,]+), (\w+)\)", r"\1", code)
     else:
         xt, wt, yt = types
         subst = {"XT": xt, "WT": wt, "YT": yt, "BT": "int32_t", "AT": "int32_t", "QARGS": _QARGS}
         code = re.sub(r"XV\(([^;]*?\])\)", r"((int32_t)\1 - zx)", code)
         code = re.sub(
-            r"OUT\((\w+), (\w+)\)",
+            r"OUT\(([^,]+), (\w+)\)",
             rf"({yt})gp_requant_clamp(\1, qm[\2], qs[\2], zy, qmin, qmax)",
             code,
         )

@@ -270,10 +270,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows["optimized"]["top1"] = evaluate(result.graph.module, data.test)
         report = _run_report(args, pipeline, inputs, result, rows, time.perf_counter() - t0)
         write_json(stage / "report.json", report)
+        written = [p.name + ("/" if p.is_dir() else "") for p in stage.iterdir()]
     _out(result.summary())
     _out()
     _out(_run_table(rows, data is not None, args.threads))
-    written = ["model.pt", "report.json"] + (["model.onnx"] if args.backend == "ort" else [])
+    if any(r.name == "distill" for r in result.reports) and (out / "distill").is_dir():
+        written.append("distill/ (checkpoints)")
     _out(f"\nwrote {', '.join(sorted(written))} to {out}")
     return 0
 

@@ -123,7 +123,10 @@ class PipelineResult:
 
 
 def _count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters plus quantized weight storage, counted as :func:`graphopt.cost.cost_of` does."""
+    from .cost import _storage
+
+    return _storage(module, recurse=True)[0]
 
 
 class Pipeline:

@@ -42,6 +42,8 @@ def stages(ratio: float = RATIO, epochs: int = EPOCHS) -> list[tuple[str, str]]:
 
 
 class DemoStageError(GraphoptError):
+    """A demo stage failed; names the stage and the outputs written before it (still valid)."""
+
     def __init__(self, stage: str, cause: BaseException, valid: list[str]):
         kept = ", ".join(valid) if valid else "none"
         lines = str(cause).strip().splitlines() or [type(cause).__name__]

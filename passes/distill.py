@@ -21,6 +21,10 @@ class Distill(Pass):
     needs_data = True
     needs_teacher = True
 
+    @classmethod
+    def uses_teacher(cls, options: DistillOptions) -> bool:
+        return options.teacher is None  # a teacher from a file needs no snapshot of the graph
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: DistillOptions = self.options
         teacher = teacher_for(opts.teacher, graph, None if opts.teacher else ctx.teacher)

@@ -457,10 +457,16 @@ def session(
     path: str | os.PathLike,
     threads: int = 1,
     optimized_model_path: str | os.PathLike | None = None,
+    reference: bool = False,
 ) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` for ``path``: ``threads`` intra-op threads, one inter-op
     thread, sequential execution. ``optimized_model_path`` saves ORT's optimised graph there
-    (atomically)."""
+    (atomically).
+
+    ``reference=True`` turns ORT's graph optimisations off, so a QDQ model runs as the ONNX
+    operator definitions say (DequantizeLinear -> float op -> QuantizeLinear) and not through
+    fused integer kernels: the same result on every CPU, which fused ``u8 x s8`` kernels on x86
+    without VNNI do not give (see :mod:`graphopt.cpu`)."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     p = Path(path)
@@ -471,6 +477,8 @@ def session(
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    if reference:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if optimized_model_path is None:
             return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])

@@ -56,11 +56,13 @@ class DynamicQuantLinear(nn.Module):
     """A Linear with int8 weights (per output column, symmetric) and dynamically quantized
     uint8 inputs."""
 
-    def __init__(self, linear: nn.Linear, per_channel: bool = True):
+    def __init__(self, linear: nn.Linear, per_channel: bool = True, weight_qmax: int = 127):
         super().__init__()
         w = linear.weight.detach()
-        scale = weight_qparams(w, per_channel)
-        self.register_buffer("weight_int8_t", quantize_weight(w, scale).t().contiguous())
+        scale = weight_qparams(w, per_channel, weight_qmax)
+        self.register_buffer(
+            "weight_int8_t", quantize_weight(w, scale, weight_qmax).t().contiguous()
+        )
         self.register_buffer(
             "weight_scale", scale if per_channel else scale.expand(w.shape[0]).clone()
         )

@@ -113,12 +113,15 @@ class FakeQuant(nn.Module):
 
 
 class _QATWeighted(nn.Module):
-    """Float weights fake-quantized symmetric int8 (``[-127, 127]``, ``z = 0``) on the fly:
-    per output channel (axis 0) or per tensor. Without ``learnable`` the scale follows the
-    weights (``max|W| / 127``, no gradient); with it, an LSQ parameter."""
+    """Float weights fake-quantized symmetric int8 (``[-qmax, qmax]``, ``z = 0``, ``qmax`` 127
+    or 63) on the fly: per output channel (axis 0) or per tensor. Without ``learnable`` the
+    scale follows the weights (``max|W| / qmax``, no gradient); with it, an LSQ parameter."""
 
-    def __init__(self, layer: nn.Module, per_channel: bool, learnable: bool):
+    def __init__(
+        self, layer: nn.Module, per_channel: bool, learnable: bool, weight_qmax: int = 127
+    ):
         super().__init__()
+        self.weight_qmax = int(weight_qmax)
         self.weight = nn.Parameter(layer.weight.detach().clone())
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.bias = nn.Parameter(bias) if bias is not None else None
@@ -126,38 +129,49 @@ class _QATWeighted(nn.Module):
         self.learnable = learnable
         if learnable:
             self.weight_log_scale = nn.Parameter(
-                torch.log(weight_qparams(self.weight, per_channel))
+                torch.log(weight_qparams(self.weight, per_channel, self.weight_qmax))
             )
+
+    @property
+    def qmax(self) -> int:
+        return getattr(self, "weight_qmax", 127)  # files saved before the avx2 target
 
     def current_weight_scale(self) -> torch.Tensor:
         if self.learnable:
             return self.weight_log_scale.detach().exp().clamp_min(1e-12).float()
-        return weight_qparams(self.weight, self.per_channel)
+        return weight_qparams(self.weight, self.per_channel, self.qmax)
 
     def fake_weight(self) -> torch.Tensor:
         w = self.weight
         n = w.shape[0] if self.per_channel else 1
         zp = torch.zeros(n, dtype=torch.int32, device=w.device)
+        q = self.qmax
         if self.learnable:
-            grad = 1.0 / math.sqrt(w.numel() * 127)
+            grad = 1.0 / math.sqrt(w.numel() * q)
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
-                    w, self.weight_log_scale.exp(), zp.float(), 0, -127, 127, grad
+                    w, self.weight_log_scale.exp(), zp.float(), 0, -q, q, grad
                 )
             return torch._fake_quantize_learnable_per_tensor_affine(
-                w, self.weight_log_scale.exp(), zp.float(), -127, 127, grad
+                w, self.weight_log_scale.exp(), zp.float(), -q, q, grad
             )
-        scale = weight_qparams(w, self.per_channel)
+        scale = weight_qparams(w, self.per_channel, q)
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -127, 127)
-        return torch.fake_quantize_per_tensor_affine(w, scale, zp, -127, 127)
+            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -q, q)
+        return torch.fake_quantize_per_tensor_affine(w, scale, zp, -q, q)
 
 
 class QATConv(_QATWeighted):
     """A Conv1d/2d/3d (zero padding) whose weights are fake-quantized int8."""
 
-    def __init__(self, conv: nn.Module, per_channel: bool = True, learnable: bool = False):
-        super().__init__(conv, per_channel, learnable)
+    def __init__(
+        self,
+        conv: nn.Module,
+        per_channel: bool = True,
+        learnable: bool = False,
+        weight_qmax: int = 127,
+    ):
+        super().__init__(conv, per_channel, learnable, weight_qmax)
         self.dim = _conv_dim(conv)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
@@ -176,8 +190,14 @@ class QATConv(_QATWeighted):
 class QATLinear(_QATWeighted):
     """A Linear whose weights are fake-quantized int8."""
 
-    def __init__(self, linear: nn.Linear, per_channel: bool = True, learnable: bool = False):
-        super().__init__(linear, per_channel, learnable)
+    def __init__(
+        self,
+        linear: nn.Linear,
+        per_channel: bool = True,
+        learnable: bool = False,
+        weight_qmax: int = 127,
+    ):
+        super().__init__(linear, per_channel, learnable, weight_qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight(), self.bias)
@@ -198,11 +218,12 @@ class _QuantWeighted(nn.Module):
         bias: torch.Tensor | None,
         w_scale: torch.Tensor,
         in_scale: float,
+        weight_qmax: int = 127,
     ):
         super().__init__()
         w_scale = w_scale.detach().float().reshape(-1)
         self.per_channel = w_scale.numel() > 1
-        self.register_buffer("weight_int8", quantize_weight(weight, w_scale))
+        self.register_buffer("weight_int8", quantize_weight(weight, w_scale, weight_qmax))
         self.register_buffer("weight_scale", w_scale.clone())
         self.register_buffer("weight_zero_point", torch.zeros(w_scale.numel(), dtype=torch.int64))
         self.in_scale = float(in_scale)
@@ -259,8 +280,20 @@ class _QuantWeighted(nn.Module):
 class QuantConv(_QuantWeighted):
     """Conv1d/2d/3d with int8 weights and int32 bias (ORT: QLinearConv)."""
 
-    def __init__(self, weight, bias, w_scale, in_scale, dim, stride, padding, dilation, groups):
-        super().__init__(weight, bias, w_scale, in_scale)
+    def __init__(
+        self,
+        weight,
+        bias,
+        w_scale,
+        in_scale,
+        dim,
+        stride,
+        padding,
+        dilation,
+        groups,
+        weight_qmax: int = 127,
+    ):
+        super().__init__(weight, bias, w_scale, in_scale, weight_qmax)
         self.dim = dim
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
@@ -313,5 +346,6 @@ def to_integer(layer: _QATWeighted, in_scale: float) -> _QuantWeighted:
             layer.padding,
             layer.dilation,
             layer.groups,
+            layer.qmax,
         )
-    return QuantLinear(layer.weight.detach(), bias, w_scale, in_scale)
+    return QuantLinear(layer.weight.detach(), bias, w_scale, in_scale, layer.qmax)

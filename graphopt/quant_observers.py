@@ -115,19 +115,20 @@ def affine_qparams(
     return QParams(scale, zp, qmin, qmax, dtype)
 
 
-def weight_qparams(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    """Symmetric int8 weight scales ``max|w| / 127`` (float32): one per output channel (axis
-    0) or a 1-element tensor. An all-zero channel gets scale 1."""
+def weight_qparams(w: torch.Tensor, per_channel: bool = True, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 weight scales ``max|w| / qmax`` (float32; ``qmax`` 127, or 63 for
+    :mod:`graphopt.cpu`'s ``avx2`` target): one per output channel (axis 0) or a 1-element
+    tensor. An all-zero channel gets scale 1."""
     w = w.detach().float()
     amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().reshape(1)
-    scale = (amax.double() / 127.0).float()
+    scale = (amax.double() / float(qmax)).float()
     return torch.where(scale < MIN_SCALE, torch.ones_like(scale), scale)
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``clamp(round(w / s), -127, 127)`` as int8, ``s`` broadcast along axis 0."""
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """``clamp(round(w / s), -qmax, qmax)`` as int8, ``s`` broadcast along axis 0."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
-    return torch.clamp(torch.round(w.detach().float() / s), -127, 127).to(torch.int8)
+    return torch.clamp(torch.round(w.detach().float() / s), -qmax, qmax).to(torch.int8)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float | None:

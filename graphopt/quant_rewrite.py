@@ -192,6 +192,7 @@ def to_fake_quant(
     qparams: dict[fx.Node, QParams],
     per_channel: Callable[[Unit], bool],
     learnable: bool,
+    weight_qmax: int = 127,
 ) -> dict[fx.Node, str]:
     """Replace the plan's values by :class:`FakeQuant` call sites (a shared value calls its
     root's module again) and conv/linear units by :class:`QATConv`/:class:`QATLinear`.
@@ -218,7 +219,7 @@ def to_fake_quant(
         path = str(unit.op.target)
         layer = gm.get_submodule(path)
         cls = QATConv if unit.kind == "conv" else QATLinear
-        set_submodule(gm, path, cls(layer, per_channel(unit), learnable))
+        set_submodule(gm, path, cls(layer, per_channel(unit), learnable, weight_qmax))
     gm.recompile()
     return names
 

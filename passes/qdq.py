@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from graphopt.cpu import cpu_int8, resolve_target, weight_qmax
 from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
@@ -99,6 +100,13 @@ class QDQOptions:
         metadata={"help": "cross-layer equalization of conv/linear pairs before calibration"},
     )
     learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
+    target: Literal["auto", "vnni", "avx2", "arm"] = field(
+        default="auto",
+        metadata={
+            "help": "the CPU the model will run on: avx2 (x86 without VNNI) keeps weights in "
+            "[-63, 63] so ORT's u8 x s8 kernels cannot saturate; auto reads this CPU"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -252,6 +260,7 @@ class QDQ(Pass):
             qparams,
             per_channel=lambda unit: opts.settings(unit.op)["weights"] == "per-channel",
             learnable=opts.learn_scales and opts.mode == "qat",
+            weight_qmax=weight_qmax(opts.target),
         )
         corrections = bias_correction(gm, batches, ctx.progress) if opts.bias_correction else {}
         counts: dict[str, int] = {}
@@ -267,6 +276,7 @@ class QDQ(Pass):
             },
             "float_ops": the_plan.float_ops,
             "skipped": the_plan.skipped,
+            "target": _target_report(opts.target),
         }
         if equalized is not None:
             report["equalize"] = equalized
@@ -316,7 +326,9 @@ class QDQ(Pass):
                 skipped.append({"node": n.name, "module": str(n.target), "reason": why})
                 continue
             per_channel = opts.settings(n)["weights"] == "per-channel"
-            layer = DynamicQuantLinear(gm.get_submodule(str(n.target)), per_channel)
+            layer = DynamicQuantLinear(
+                gm.get_submodule(str(n.target)), per_channel, weight_qmax(opts.target)
+            )
             set_submodule(gm, str(n.target), layer)
             done.append(n)
         if not done:
@@ -337,5 +349,21 @@ class QDQ(Pass):
                 "mode": "ptq",
                 "layers": layers,
                 "skipped": skipped,
+                "target": _target_report(opts.target),
             },
         )
+
+
+def _target_report(target: str) -> dict[str, Any]:
+    """Which int8 target was used, why, and the weight range it implies."""
+    chosen = resolve_target(target)
+    q = weight_qmax(chosen)
+    out: dict[str, Any] = {"target": chosen, "requested": target, "weight_range": [-q, q]}
+    if target == "auto":
+        out["cpu"] = cpu_int8().describe()
+    if chosen == "avx2":
+        out["why"] = (
+            "x86 without VNNI: ORT adds u8 x s8 products in pairs into int16; 7-bit weights "
+            "keep every pair below 32767, so ORT computes the exact integer result"
+        )
+    return out

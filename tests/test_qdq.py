@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.backends import onnxruntime as gort
+from graphopt.cpu import weight_qmax
 from graphopt.errors import DataError, PassFailure
 from graphopt.manager import Pipeline
 from graphopt.passes.qdq import QDQ, QDQOptions
@@ -112,7 +113,8 @@ def test_hand_computed_linear_layer_gives_the_exact_integer(registry, tmp_path):
     100*127 - 200*32 + 3810 = 10110 and y_q = round(10110 s_x s_w / s_y) = round(91.75) = 92."""
     calib = [torch.tensor([[0.0, 0.0], [2.55, 2.55]])]
     x = torch.tensor([[1.0, 2.0]])
-    result = quantize(_linear(relu=True), calib, "qdq", registry, example=(x,))
+    # target=vnni: full-range weights; 100*127 - 200*32 cannot saturate ORT's int16 pairs
+    result = quantize(_linear(relu=True), calib, "qdq(target=vnni)", registry, example=(x,))
     gm = result.graph.module
     layer = gm.get_submodule("0")
     assert isinstance(layer, QuantLinear)
@@ -143,7 +145,7 @@ def test_hand_computed_linear_layer_gives_the_exact_integer(registry, tmp_path):
     assert ort_ops(path, tmp_path)["QGemm"] == 1
 
     # without the ReLU the linear is the model output and stays float: y = s_x s_w acc
-    result = quantize(_linear(relu=False), calib, "qdq", registry, example=(x,))
+    result = quantize(_linear(relu=False), calib, "qdq(target=vnni)", registry, example=(x,))
     s_acc = 0.01 / 127
     assert float(result.graph.module(x)) / s_acc == pytest.approx(10110, abs=0.01)
     path = gort.export(result.graph, tmp_path / "linear_float_out.onnx")
@@ -161,7 +163,9 @@ def test_per_channel_weight_scales_reproduce_the_weights(tiny_int8):
         w = getattr(original, name).weight.detach()
         s = q.weight_scale
         assert s.shape == (w.shape[0],)
-        assert torch.allclose(s, w.abs().flatten(1).amax(1) / 127, rtol=1e-6)
+        qmax = weight_qmax("auto")  # 127, or 63 on x86 without VNNI (graphopt.cpu)
+        assert torch.allclose(s, w.abs().flatten(1).amax(1) / qmax, rtol=1e-6)
+        assert int(q.weight_int8.abs().max()) == qmax
         err = (w - q.weight_int8.float() * s[:, None, None, None]).abs().flatten(1).amax(1)
         assert torch.all(err <= s / 2 * (1 + 1e-5)), name
 
@@ -466,7 +470,8 @@ def test_qat_without_learnable_scales_tracks_the_weights(registry, tiny_data):
     conv = qat.graph.module.get_submodule("c1")
     with torch.no_grad():
         conv.weight.mul_(2.0)
-    assert torch.allclose(conv.current_weight_scale(), conv.weight.abs().flatten(1).amax(1) / 127)
+    qmax = weight_qmax("auto")
+    assert torch.allclose(conv.current_weight_scale(), conv.weight.abs().flatten(1).amax(1) / qmax)
 
 
 def test_per_module_overrides(registry, tiny_data):
@@ -499,7 +504,10 @@ def test_qat_then_distill_then_convert_on_digits(digits, registry):
     result = graphopt.compress(
         model,
         Pipeline.parse(
-            "fold-bn,qdq(mode=qat,learn-scales=true),distill(epochs=2),qdq(mode=convert)",
+            # 8-bit weights (target=vnni): two epochs of LSQ with the 7-bit weights of
+            # target=avx2 lose ~1.7 points here; this checks that QAT recovers float accuracy
+            "fold-bn,qdq(mode=qat,learn-scales=true,target=vnni),distill(epochs=2),"
+            "qdq(mode=convert)",
             registry=registry,
         ),
         example_inputs=example,

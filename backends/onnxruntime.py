@@ -45,7 +45,7 @@ import torch.utils._pytree as pytree
 
 from graphopt.atomic import atomic_path
 from graphopt.errors import BackendError
-from graphopt.graph import Graph, node_meta
+from graphopt.graph import PIPELINE_META, Graph, node_meta
 from graphopt.metrics import drift, within
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 MODULE_PATH_KEY = "graphopt.module_path"
 NODE_KEY = "graphopt.node"
 PROVENANCE_KEY = "graphopt.provenance"
-PIPELINE_KEY = "graphopt.pipeline"
+PIPELINE_KEY = PIPELINE_META
 
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -227,7 +227,7 @@ def _export_dynamo(graph: Graph, opset: int, dynamic: bool, in_names, out_names)
 
 # graphopt modules that define their own torch ops, with ONNX translations for them: a graph
 # can only hold such an op once its module is imported, so loaded ones are all that matter.
-_OP_MODULES = ("graphopt.quant_dynamic",)
+_OP_MODULES = ("graphopt.quant.dynamic",)
 
 
 def _custom_translations() -> dict:

@@ -33,8 +33,8 @@ import graphopt
 from graphopt.backends.c import build
 from graphopt.backends.c.build import find_compiler
 from graphopt.backends.onnxruntime import export
-from graphopt.models import load_model
 from graphopt.table import render
+from graphopt.zoo.models import load_model
 
 FLAGS = ("-O3", "-march=native")
 
@@ -48,7 +48,7 @@ def _export(name: str, shape, root: Path) -> tuple[Path, np.ndarray, list[np.nda
     path = root / (name.replace(":", "_") + ".onnx")
     export(graphopt.trace(model, (x,)), path, dynamic_batch=False)
     if name.startswith("digits"):
-        from graphopt.digits import load_digits_data
+        from graphopt.zoo.digits import load_digits_data
 
         xs = load_digits_data().x_train.numpy()[:32]
         calib = [xs[i : i + 1] for i in range(len(xs))]

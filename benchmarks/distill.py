@@ -21,9 +21,9 @@ import time
 import torch
 
 import graphopt
-from graphopt.digits import evaluate
-from graphopt.models import load_data, load_model
 from graphopt.table import render
+from graphopt.zoo.digits import evaluate
+from graphopt.zoo.models import load_data, load_model
 
 VARIANTS = {
     "(b) fine-tune, labels": ("alpha=0", True),

@@ -19,8 +19,8 @@ import torch
 
 import graphopt
 from graphopt.backends import onnxruntime as ort_backend
-from graphopt.models import load_model
 from graphopt.table import render
+from graphopt.zoo.models import load_model
 
 
 def _spec(name: str) -> str:

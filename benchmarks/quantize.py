@@ -38,9 +38,9 @@ import torch
 import graphopt
 from graphopt.backends import onnxruntime as gort
 from graphopt.manager import Pipeline
-from graphopt.models import load_model
 from graphopt.registry import REGISTRY, Registry
 from graphopt.table import render
+from graphopt.zoo.models import load_model
 
 FLOAT_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "Add", "Concat"}
 INT_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearConcat", "MatMulInteger"}
@@ -163,7 +163,7 @@ def _ort(path: Path):
 
 
 def digits_accuracy(d: Path, calib_batches: int) -> list[list[str]]:
-    from graphopt.digits import load_digits_data
+    from graphopt.zoo.digits import load_digits_data
 
     reg = registry()
     model, example = load_model("digits:vgg")

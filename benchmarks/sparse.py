@@ -23,9 +23,9 @@ import torch
 import graphopt
 from graphopt.backends import c as cbackend
 from graphopt.backends import onnxruntime as ob
-from graphopt.digits import evaluate
-from graphopt.models import load_data, load_model
 from graphopt.table import render
+from graphopt.zoo.digits import evaluate
+from graphopt.zoo.models import load_data, load_model
 
 
 def c_top1(model, test) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from . import compat
 from .cost import Cost, cost_of
 from .errors import (
     BackendError,
@@ -25,7 +26,7 @@ from .errors import (
     UnknownPassError,
     VerificationError,
 )
-from .graph import Graph, NodeMeta, TensorInfo, node_meta, register_analysis
+from .graph import Graph, NodeMeta, TensorInfo, node_meta
 from .instruments import DumpDir, Instrument, PrintAfter, Timing
 from .manager import PassReport, PassSpec, Pipeline, PipelineResult, compress
 from .pass_api import Pass, PassContext, PassResult
@@ -33,6 +34,7 @@ from .registry import REGISTRY, get_pass, register_pass
 from .tracing import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+compat.install()  # graphopt 0.1's module names, for files saved then
 
 __version__ = "0.1.0"
 
@@ -68,7 +70,6 @@ __all__ = [
     "cost_of",
     "get_pass",
     "node_meta",
-    "register_analysis",
     "register_pass",
     "trace",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import Graph, node_meta, register_analysis
+from .graph import Graph, node_meta
 
 
 @dataclass
@@ -89,7 +89,6 @@ def module_macs(
     return counter.get_total_flops() // 2, per_module
 
 
-@register_analysis("cost")
 def cost_of(graph: Graph) -> Cost:
     """The :class:`Cost` of ``graph`` on its example inputs."""
     total_macs, per_module = module_macs(graph.module, graph.example_inputs)

@@ -12,10 +12,15 @@ import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
+
+T = TypeVar("T")
+
+PIPELINE_META = "graphopt.pipeline"
+"""``GraphModule.meta`` key: the pipeline texts that made this graph (the ONNX export keeps it)."""
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +76,6 @@ def node_meta(node: fx.Node) -> NodeMeta:
     return meta
 
 
-# name -> function(graph) -> value; analyses register here and are cached per Graph.
-_ANALYSES: dict[str, Callable[[Graph], Any]] = {}
-
-
-def register_analysis(name: str) -> Callable[[Callable[[Graph], Any]], Callable[[Graph], Any]]:
-    """Register ``fn(graph)`` as the analysis ``name``, computed on demand and cached."""
-
-    def deco(fn: Callable[[Graph], Any]) -> Callable[[Graph], Any]:
-        _ANALYSES[name] = fn
-        return fn
-
-    return deco
-
-
 class Graph:
     """A traced model that passes rewrite in place.
 
@@ -96,7 +87,7 @@ class Graph:
     def __init__(self, module: fx.GraphModule, example_inputs: Iterable[torch.Tensor]):
         self.module = module
         self.example_inputs = tuple(example_inputs)
-        self._analyses: dict[str, Any] = {}
+        self._analyses: dict[Callable[[Graph], Any], Any] = {}
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *inputs: torch.Tensor) -> Any:
@@ -137,20 +128,16 @@ class Graph:
             )
 
     # -- analyses -----------------------------------------------------------------------------------
-    def analysis(self, name: str) -> Any:
-        """The cached result of the registered analysis ``name`` (computed on first use)."""
-        if name not in self._analyses:
-            if name not in _ANALYSES:
-                _load_builtin_analyses()
-            if name not in _ANALYSES:
-                raise KeyError(f"unknown analysis {name!r}; known: {', '.join(sorted(_ANALYSES))}")
-            self._analyses[name] = _ANALYSES[name](self)
-        return self._analyses[name]
+    def cached(self, analysis: Callable[[Graph], T]) -> T:
+        """``analysis(self)``, computed once and kept until :meth:`invalidate` (the manager
+        invalidates after every pass that modified the graph)."""
+        if analysis not in self._analyses:
+            self._analyses[analysis] = analysis(self)
+        return self._analyses[analysis]
 
-    def invalidate(self, preserve: Iterable[str] = ()) -> None:
-        """Drop cached analyses except those named in ``preserve``."""
-        keep = set(preserve)
-        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+    def invalidate(self) -> None:
+        """Drop every cached analysis (the graph changed)."""
+        self._analyses.clear()
 
     # -- copying ----------------------------------------------------------------------------------
     def copy(self) -> Graph:
@@ -164,10 +151,6 @@ class Graph:
     def __repr__(self) -> str:
         n = sum(1 for _ in self.module.graph.nodes)
         return f"Graph({type(self.module).__name__}, {n} nodes)"
-
-
-def _load_builtin_analyses() -> None:
-    from . import cost  # noqa: F401  (registers "cost")
 
 
 class _ShapeRecorder(fx.Interpreter):

@@ -13,8 +13,7 @@ from .atomic import write_text
 
 if TYPE_CHECKING:
     from .graph import Graph
-    from .manager import PassReport
-    from .pass_api import Pass
+    from .pass_api import Pass, PassReport
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ directory a reproducer (graph before the pass, inputs, pipeline text) is written
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -24,12 +23,19 @@ import torch.fx as fx
 
 from .atomic import write_text
 from .data import first_batch
-from .errors import DataError, GraphoptError, PassContractError, PassFailure, VerificationError
-from .graph import Graph, node_meta
+from .errors import (
+    DataError,
+    GraphoptError,
+    OptionError,
+    PassContractError,
+    PassFailure,
+    VerificationError,
+)
+from .graph import PIPELINE_META, Graph, node_meta
 from .instruments import DumpDir, Instrument, Timing
 from .metrics import drift, within
 from .options import build_options, fields_of, format_value, text_name
-from .pass_api import Pass, PassContext, PassResult
+from .pass_api import Pass, PassContext, PassReport, PassResult, nested_pipelines
 from .pipeline_text import parse_items
 from .registry import REGISTRY, Registry
 
@@ -43,6 +49,7 @@ class PassSpec:
     cls: type[Pass]
     options: Any
     given: tuple[str, ...] = ()
+    nested: list[Pipeline] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -60,27 +67,23 @@ class PassSpec:
     def instantiate(self) -> Pass:
         return self.cls(self.options)
 
+    def uses_data(self) -> bool:
+        """The pass, or a pipeline nested in its options, cannot run without data."""
+        return self.cls.uses_data(self.options) or any(p.uses_data() for p in self.nested)
 
-@dataclass
-class PassReport:
-    index: int
-    name: str
-    spec: str
-    exact: bool
-    modified: bool
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)
-    drift: dict[str, float] = field(default_factory=dict)
-    drift_total: dict[str, float] = field(default_factory=dict)
-    params: int = 0
-    verified: bool = False
+    def uses_teacher(self) -> bool:
+        return self.cls.uses_teacher(self.options) or any(p.uses_teacher() for p in self.nested)
 
-    @property
-    def summary(self) -> str:
-        return str(self.details.get("summary", ""))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _nested(pcls: type[Pass], options: Any, reg: Registry) -> list[Pipeline]:
+    """Parse the nested pipeline texts in ``options`` (names checked against ``reg``)."""
+    out = []
+    for fname, text in nested_pipelines(options):
+        try:
+            out.append(Pipeline.parse(text, reg))
+        except GraphoptError as e:
+            raise OptionError(f"{pcls.name}: {text_name(fname)}={text!r}: {e}") from e
+    return out
 
 
 @dataclass
@@ -132,8 +135,9 @@ def _count_params(module: torch.nn.Module) -> int:
 class Pipeline:
     """An ordered list of :class:`PassSpec`. ``Pipeline.parse(text)``; ``str(p)`` prints it."""
 
-    def __init__(self, specs: Sequence[PassSpec]):
+    def __init__(self, specs: Sequence[PassSpec], registry: Registry | None = None):
         self.specs = list(specs)
+        self._registry = registry or REGISTRY
 
     @classmethod
     def parse(cls, text: str, registry: Registry | None = None) -> Pipeline:
@@ -144,8 +148,8 @@ class Pipeline:
             options = build_options(item.name, pcls.Options, item.options)
             names = {text_name(f.name): f.name for f in fields_of(pcls.Options)}
             given = tuple(names.get(k, names.get(text_name(k), k)) for k in item.options)
-            specs.append(PassSpec(pcls, options, given))
-        return cls(specs)
+            specs.append(PassSpec(pcls, options, given, _nested(pcls, options, reg)))
+        return cls(specs, reg)
 
     @classmethod
     def of(cls, *passes: Pass | type[Pass]) -> Pipeline:
@@ -159,7 +163,11 @@ class Pipeline:
                 for f in fields_of(type(inst).Options)
                 if getattr(inst.options, f.name) != getattr(defaults, f.name)
             )
-            specs.append(PassSpec(type(inst), inst.options, given))
+            specs.append(
+                PassSpec(
+                    type(inst), inst.options, given, _nested(type(inst), inst.options, REGISTRY)
+                )
+            )
         return cls(specs)
 
     def __str__(self) -> str:
@@ -173,6 +181,12 @@ class Pipeline:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def uses_data(self) -> bool:
+        return any(s.uses_data() for s in self.specs)
+
+    def uses_teacher(self) -> bool:
+        return any(s.uses_teacher() for s in self.specs)
 
     # -- running --------------------------------------------------------------------------------
     def run(
@@ -198,7 +212,7 @@ class Pipeline:
                 "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
             )
         for spec in self.specs:
-            if spec.cls.uses_data(spec.options) and data is None:
+            if spec.uses_data() and data is None:
                 raise DataError(
                     f"pass {spec.name!r} needs data: pass data=batches (an iterable of inputs or "
                     "(inputs, labels) tuples) to run()/compress(), or --data NAME on the CLI"
@@ -208,21 +222,30 @@ class Pipeline:
         dump = DumpDir(dump_dir) if dump_dir is not None else None
         if dump is not None:
             instr.append(dump)
-        snapshot = (
-            graph.copy()
-            if teacher is None and any(s.cls.uses_teacher(s.options) for s in self.specs)
-            else None
-        )
+        snapshot = graph.copy() if teacher is None and self.uses_teacher() else None
         ctx = PassContext(
             data=data,
             teacher_factory=(lambda: teacher) if teacher is not None else (lambda: snapshot),
             out_dir=Path(out_dir) if out_dir is not None else None,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
             seed=seed,
-            pipeline_text=str(self),
         )
         if progress is not None:
             ctx.progress = progress
+
+        def nested(text: str, g: Graph) -> PipelineResult:
+            return Pipeline.parse(text, self._registry).run(
+                g,
+                data=data,
+                teacher=ctx.teacher,
+                out_dir=ctx.out_dir,
+                checkpoint_dir=ctx.checkpoint_dir,
+                verify=False,
+                progress=ctx.progress,
+                seed=seed,
+            )
+
+        ctx.nested = nested
 
         ref_inputs = graph.example_inputs
         batch = first_batch(data) if data is not None else None
@@ -269,7 +292,7 @@ class Pipeline:
                 details=result.report,
             )
             if result.modified:
-                graph.invalidate(p.preserves)
+                graph.invalidate()
                 try:
                     _check_structure(graph, p)
                     if verify:
@@ -299,7 +322,11 @@ class Pipeline:
             )
             reports.append(report)
             log.info("pass %s: %s (%.3fs)", report.spec, report.summary or "done", report.seconds)
-        return PipelineResult(graph, str(self), reports, time.perf_counter() - t_start)
+        done = str(self)
+        if any(r.modified for r in reports):
+            before = graph.module.meta.get(PIPELINE_META)
+            graph.module.meta[PIPELINE_META] = f"{before},{done}" if before else done
+        return PipelineResult(graph, done, reports, time.perf_counter() - t_start)
 
 
 def _forward(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Any:

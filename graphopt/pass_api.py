@@ -1,9 +1,12 @@
 """The pass contract.
 
 A pass is a class with a registered ``name``, an ``Options`` dataclass, a flag saying whether
-it is **exact** (outputs unchanged within float tolerance) or lossy, the analyses it
-``preserves``, and ``run(graph, ctx) -> PassResult``. It rewrites the Graph it is given in
-place; the manager owns that Graph, so the user's model is never touched.
+it is **exact** (outputs unchanged within float tolerance) or lossy, and
+``run(graph, ctx) -> PassResult``. It rewrites the Graph it is given in place; the manager owns
+that Graph, so the user's model is never touched. An option whose field metadata holds
+``"pipeline": True`` is a nested pipeline text (prune's ``between``): the manager checks it when
+the pipeline is parsed and the pass runs it with :meth:`PassContext.run_nested`. The manager
+records each pass as a :class:`PassReport`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class PassContext:
             (default: ``out_dir``).
         progress: ``progress(iterable, desc, total)`` wraps long loops; the CLI shows a bar.
         seed: the seed passes use for anything random.
-        pipeline_text: the whole pipeline being run.
+        nested: set by the manager: ``nested(text, graph)`` runs a pipeline text on ``graph``
+            with this context's data, teacher and progress (see :meth:`run_nested`).
     """
 
     data: Any = None
@@ -59,7 +63,7 @@ class PassContext:
     checkpoint_dir: Path | None = None
     progress: Callable[..., Iterable] = _no_progress
     seed: int = 0
-    pipeline_text: str = ""
+    nested: Callable[[str, Graph], Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,6 +72,15 @@ class PassContext:
         if "teacher" not in self.extras and self.teacher_factory is not None:
             self.extras["teacher"] = self.teacher_factory()
         return self.extras.get("teacher")
+
+    def run_nested(self, text: str, graph: Graph) -> Any:
+        """Run the pipeline ``text`` on ``graph`` in place (no verification: the enclosing pass
+        is verified as a whole) and return its ``PipelineResult``."""
+        if self.nested is None:
+            raise RuntimeError(
+                "this PassContext runs no nested pipelines: only the pass manager can give one"
+            )
+        return self.nested(text, graph)
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
         """Iterate ``(inputs_tuple, labels_or_None)`` over ``data``."""
@@ -82,7 +95,6 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
-    preserves: ClassVar[frozenset[str]] = frozenset()
     needs_data: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the manager then snapshots the graph before pass 1
 
@@ -115,12 +127,42 @@ class Pass:
         return f"<pass {self.name} {dataclasses.asdict(self.options)}>"
 
 
+@dataclass
+class PassReport:
+    index: int
+    name: str
+    spec: str
+    exact: bool
+    modified: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)
+    drift_total: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    verified: bool = False
+
+    @property
+    def summary(self) -> str:
+        return str(self.details.get("summary", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def nested_pipelines(options: Any) -> list[tuple[str, str]]:
+    """``(field name, pipeline text)`` of every nested-pipeline option that is set."""
+    return [
+        (f.name, getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if f.metadata.get("pipeline") and getattr(options, f.name)
+    ]
+
+
 def function_pass(
     fn: Callable[..., PassResult],
     name: str,
     exact: bool,
     options: type = NoOptions,
-    preserves: Iterable[str] = (),
 ) -> type[Pass]:
     """Wrap ``fn(graph, ctx, options) -> PassResult`` into a :class:`Pass` subclass."""
 
@@ -134,7 +176,6 @@ def function_pass(
             "name": name,
             "exact": exact,
             "Options": options,
-            "preserves": frozenset(preserves),
             "run": run,
             "__doc__": fn.__doc__,
             "__module__": fn.__module__,

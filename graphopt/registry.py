@@ -1,15 +1,15 @@
-"""Where passes are found: the built-in list, plug-ins from the ``graphopt.passes`` entry-point
-group, and passes registered at run time with :func:`register_pass`.
+"""Where passes are found: the ``graphopt.passes`` entry-point group (graphopt's own built-ins
+are its ``builtin`` entry, ``graphopt.passes:builtin_passes``; every other package's are
+plug-ins) and passes registered at run time with :func:`register_pass`.
 
-Built-ins are imported explicitly (``graphopt.passes.builtin_passes()``); nothing registers
-itself as a side effect of being imported.
+The registry imports no pass module by name; nothing registers itself as a side effect of
+being imported. Built-ins win over a plug-in that claims the same name.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any
 
@@ -47,12 +47,15 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        from graphopt.passes import builtin_passes
-
-        for cls in builtin_passes():
-            self.add(cls, "builtin", replace=True)
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            origin = f"plugin:{ep.dist.name if ep.dist else ep.value}"
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_builtin_first)
+        if not any(_is_builtin(ep) for ep in eps):
+            log.warning(
+                "graphopt's built-in passes are not registered: its entry points are missing "
+                "(reinstall graphopt: pip install -e . or pip install graphopt)"
+            )
+        for ep in eps:
+            builtin = _is_builtin(ep)
+            origin = "builtin" if builtin else f"plugin:{ep.dist.name if ep.dist else ep.value}"
             try:
                 obj = ep.load()
             except Exception as e:
@@ -61,6 +64,9 @@ class Registry:
                 )
                 continue
             for cls in _pass_classes(obj):
+                if builtin:
+                    self.add(cls, "builtin", replace=True)
+                    continue
                 if cls.name in self._passes and self._origin[cls.name] == "builtin":
                     log.warning(
                         "plug-in %s tries to replace built-in pass %r; ignored", origin, cls.name
@@ -97,6 +103,14 @@ class Registry:
             self.add(cls, "user", replace=True)
 
 
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    return ep.value.split(":")[0] == "graphopt.passes"
+
+
+def _builtin_first(ep: metadata.EntryPoint) -> int:
+    return 0 if _is_builtin(ep) else 1
+
+
 def _pass_classes(obj: Any) -> list[type[Pass]]:
     if isinstance(obj, type) and issubclass(obj, Pass):
         return [obj]
@@ -116,7 +130,6 @@ def register_pass(
     name: str | None = None,
     exact: bool = False,
     options: type = NoOptions,
-    preserves: Iterable[str] = (),
     registry: Registry | None = None,
 ) -> Any:
     """Register a pass class, or turn a function ``fn(graph, ctx, options)`` into one.
@@ -133,9 +146,7 @@ def register_pass(
             reg.add(obj, "user", replace=True)
             return obj
         if callable(obj):
-            cls = function_pass(
-                obj, name or obj.__name__.replace("_", "-"), exact, options, preserves
-            )
+            cls = function_pass(obj, name or obj.__name__.replace("_", "-"), exact, options)
             reg.add(cls, "user", replace=True)
             return cls
         raise TypeError(f"@register_pass cannot register {obj!r}")
@@ -150,6 +161,3 @@ def register_pass(
 
 def get_pass(name: str) -> type[Pass]:
     return REGISTRY.get(name)
-
-
-PassFactory = Callable[..., Pass]

@@ -1,7 +1,7 @@
 """Built-in passes, installed as ``graphopt.passes``. One pass per module.
 
-:func:`builtin_passes` is the explicit list the registry loads; nothing registers itself on
-import.
+:func:`builtin_passes` is the explicit list the registry loads through graphopt's own
+``graphopt.passes`` entry point (``pyproject.toml``); nothing registers itself on import.
 """
 
 from __future__ import annotations

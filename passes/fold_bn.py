@@ -29,11 +29,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.graph import Graph, node_meta
+from graphopt.optypes import CONV as _CONV
+from graphopt.optypes import CONV_T as _CONVT
+from graphopt.optypes import call_sites
+from graphopt.optypes import module_of as _module
 from graphopt.pass_api import Pass, PassContext, PassResult
 
 _BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,6 @@ class FoldBNOptions:
         default=True,
         metadata={"help": "also fold a BN into the conv/linear it feeds (BN -> layer)"},
     )
-
-
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
-    return counts
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -165,7 +155,7 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         gm = graph.module
-        sites = _call_sites(gm)
+        sites = call_sites(gm)
         self._read_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
         self._tensor_owners = self._owners(gm)
         folded: list[dict[str, str]] = []

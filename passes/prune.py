@@ -40,6 +40,7 @@ from graphopt.errors import DataError, GraphoptError, OptionError
 from graphopt.graph import Graph, node_meta
 from graphopt.modules import SelfAttention
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.pipeline_text import parse_items
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class PruneOptions:
     )
     between: str | None = field(
         default=None,
-        metadata={"help": 'pipeline run between rounds, e.g. "distill(epochs=2)" (with steps)'},
+        metadata={
+            "help": 'pipeline run between rounds, e.g. "distill(epochs=2)" (with steps)',
+            "pipeline": True,
+        },
     )
     batches: int = field(default=4, metadata={"help": "data batches used by taylor importance"})
     seed: int = field(default=0, metadata={"help": "seed for random importance"})
@@ -91,9 +95,7 @@ class PruneOptions:
         if self.between is not None:
             if self.steps < 2:
                 raise OptionError("prune: between needs steps >= 2 (it runs between rounds)")
-            from graphopt.manager import Pipeline
-
-            Pipeline.parse(self.between)
+            parse_items(self.between)  # syntax; the manager checks the pass names
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -111,18 +113,8 @@ def parse_target(text: str) -> tuple[str, float]:
 
 def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[str, Any]:
     """Run the ``between`` pipeline (e.g. distillation) on the graph after round ``step``."""
-    from graphopt.manager import Pipeline
-
     log.info("prune: running %s after round %d", text, step)
-    result = Pipeline.parse(text).run(
-        graph,
-        data=ctx.data,
-        teacher=ctx.teacher,
-        out_dir=ctx.out_dir,
-        verify=False,
-        progress=ctx.progress,
-        seed=ctx.seed,
-    )
+    result = ctx.run_nested(text, graph)
     return {"after_round": step, "passes": [r.to_dict() for r in result.reports]}
 
 
@@ -571,20 +563,9 @@ class Prune(Pass):
     Options = PruneOptions
 
     @classmethod
-    def _between(cls, options: PruneOptions):
-        from graphopt.manager import Pipeline
-
-        return Pipeline.parse(options.between).specs if options.between else []
-
-    @classmethod
-    def uses_teacher(cls, options: PruneOptions) -> bool:
-        return any(s.cls.uses_teacher(s.options) for s in cls._between(options))
-
-    @classmethod
     def uses_data(cls, options: PruneOptions) -> bool:
-        return options.importance == "taylor" or any(
-            s.cls.uses_data(s.options) for s in cls._between(options)
-        )
+        """Taylor importance reads data (a ``between`` pipeline's needs the manager adds)."""
+        return options.importance == "taylor"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options

@@ -25,6 +25,7 @@ from torch import nn
 
 from graphopt.errors import OptionError
 from graphopt.graph import Graph
+from graphopt.optypes import WEIGHTED
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.sparsity import (
     Schedule,
@@ -38,7 +39,7 @@ from graphopt.sparsity import (
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHTED = WEIGHTED
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from graphopt.backends.c.build import STRICT, find_compiler
 from graphopt.backends.c.kernels_int8 import quantize_multiplier
 from graphopt.backends.onnxruntime import export, session
 from graphopt.cpu import cpu_int8
-from graphopt.digits import load_digits_data
-from graphopt.models import load_model
+from graphopt.zoo.digits import load_digits_data
+from graphopt.zoo.models import load_model
 
 from .test_c_models import MAIN, _sanitizer_works
 

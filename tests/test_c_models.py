@@ -16,7 +16,7 @@ import graphopt
 from graphopt.backends.c import build, emit
 from graphopt.backends.c.build import STRICT, find_compiler
 from graphopt.backends.onnxruntime import export
-from graphopt.models import load_model
+from graphopt.zoo.models import load_model
 
 MODELS = {
     "digits:vgg": None,

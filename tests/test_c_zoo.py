@@ -13,7 +13,7 @@ import pytest
 import graphopt
 from graphopt.backends.c import build, compile_program
 from graphopt.backends.onnxruntime import export
-from graphopt.models import load_model
+from graphopt.zoo.models import load_model
 
 pytestmark = pytest.mark.slow
 

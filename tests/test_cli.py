@@ -1,4 +1,4 @@
-"""The ``graphopt`` command line, run in-process through ``graphopt.cli.main`` (plus one
+"""The ``graphopt`` command line, run in-process through ``graphopt.app.cli.main`` (plus one
 ``python -m graphopt`` subprocess)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from graphopt import cli, digits
 from graphopt.errors import BackendError, ModelSpecError
-from graphopt.models import load_model
+from graphopt.zoo.models import load_model
 
 
 @pytest.fixture(scope="module")

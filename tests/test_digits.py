@@ -75,7 +75,7 @@ def test_cache_is_reused_without_training(trained, digits_cache, monkeypatch, ca
 
     monkeypatch.setattr(digits, "train_vgg", fail)
     assert digits.cache_path().parent == digits_cache
-    with caplog.at_level(logging.INFO, logger="graphopt.digits"):
+    with caplog.at_level(logging.INFO, logger="graphopt.zoo.digits"):
         again = digits.pretrained_vgg()
     assert "loaded digits:vgg from the cache" in caplog.text
     for (k, v), (k2, v2) in zip(trained.state_dict().items(), again.state_dict().items()):
@@ -102,7 +102,7 @@ def test_a_bad_cache_is_retrained_not_fatal(tmp_path, monkeypatch, caplog, corru
         calls.clear()
     else:
         torch.save({"format": digits.CACHE_FORMAT, "version": 0, "state_dict": {}}, path)
-    with caplog.at_level(logging.WARNING, logger="graphopt.digits"):
+    with caplog.at_level(logging.WARNING, logger="graphopt.zoo.digits"):
         model = digits.pretrained_vgg(cache_dir=tmp_path)
     assert len(calls) == 1 and isinstance(model, digits.DigitsVGG)
     assert "ignoring the digits:vgg cache" in caplog.text

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.digits import evaluate
-from graphopt.distill import CHECKPOINT, DistillOptions, distill
 from graphopt.errors import DataError, DistillError, OptionError, PassFailure
-from graphopt.features import auto_pairs, parse_pairs
-from graphopt.models import load_data, load_model
+from graphopt.passes.distill.features import auto_pairs, parse_pairs
+from graphopt.passes.distill.loop import CHECKPOINT, DistillOptions, distill
+from graphopt.zoo.digits import evaluate
+from graphopt.zoo.models import load_data, load_model
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_provenance_pairs_a_folded_conv_with_the_teachers_batchnorm(digits):
     (pair,) = parse_pairs(student, teacher, ["features.4"])
     assert pair.student == "features_3" and pair.teacher == "features_4"
     x = data.test[0][0]
-    from graphopt.features import tapped_module
+    from graphopt.passes.distill.features import tapped_module
 
     with torch.no_grad():
         _, (fs,) = tapped_module(student.module, [pair.student])(x)

@@ -27,7 +27,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     import graphopt
-    from graphopt.models import load_data, load_model
+    from graphopt.zoo.models import load_data, load_model
 
     model, _ = load_model("digits:vgg")
     data = load_data("digits")
@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_weights_and_the_loss_falls(tmp_path):
-    from graphopt.models import load_model
+    from graphopt.zoo.models import load_model
 
     load_model("digits:vgg")  # train and cache the teacher once, before the ranks start
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

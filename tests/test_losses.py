@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphopt.errors import OptionError
-from graphopt.features import ChannelAdapter, FeaturePair, adapter_for
-from graphopt.losses import LOSSES, at_loss, get_loss, kd_loss, register_loss
+from graphopt.passes.distill.features import ChannelAdapter, FeaturePair, adapter_for
+from graphopt.passes.distill.losses import LOSSES, at_loss, get_loss, kd_loss, register_loss
 
 
 @settings(max_examples=25, deadline=None)

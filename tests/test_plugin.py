@@ -160,8 +160,8 @@ def test_plugin_pass_is_registered_and_runs_in_a_pipeline(plugin_site, tmp_path)
 
 
 def test_cli_lists_the_plugin_pass(plugin_site, tmp_path):
-    # graphopt.cli is part of the package; this must not be skipped
-    import graphopt.cli  # noqa: F401
+    # graphopt.app.cli is part of the package; this must not be skipped
+    import graphopt.app.cli  # noqa: F401
 
     proc = subprocess.run(
         [sys.executable, "-m", "graphopt", "passes"],

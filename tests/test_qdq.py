@@ -19,7 +19,7 @@ from graphopt.cpu import weight_qmax
 from graphopt.errors import DataError, PassFailure
 from graphopt.manager import Pipeline
 from graphopt.passes.qdq import QDQ, QDQOptions
-from graphopt.quant_modules import DQ_OPS, Q_OPS, FakeQuant, QATConv, QuantConv, QuantLinear
+from graphopt.quant.modules import DQ_OPS, Q_OPS, FakeQuant, QATConv, QuantConv, QuantLinear
 from graphopt.registry import Registry
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Concat", "AveragePool", "MaxPool", "Mul"}
@@ -219,15 +219,15 @@ def test_ort_runs_every_pattern_as_integer_kernels(tiny_int8, tmp_path):
 
 @pytest.fixture(scope="module")
 def digits():
-    from graphopt.digits import load_digits_data
-    from graphopt.models import load_model
+    from graphopt.zoo.digits import load_digits_data
+    from graphopt.zoo.models import load_model
 
     model, example = load_model("digits:vgg")
     return model, example, load_digits_data()
 
 
 def test_digits_int8_in_ort_is_integer_and_within_half_a_point(digits, registry, tmp_path):
-    from graphopt.digits import evaluate
+    from graphopt.zoo.digits import evaluate
 
     model, example, data = digits
     calib = data.batches("train", 64)
@@ -497,7 +497,7 @@ def test_per_module_overrides(registry, tiny_data):
 
 
 def test_qat_then_distill_then_convert_on_digits(digits, registry):
-    from graphopt.digits import evaluate
+    from graphopt.zoo.digits import evaluate
 
     model, example, data = digits
     train, test = data.batches("train", 64), data.batches("test", 512)

@@ -15,7 +15,7 @@ import graphopt
 from graphopt.backends import onnxruntime as gort
 from graphopt.manager import Pipeline
 from graphopt.passes.qdq import QDQ
-from graphopt.quant_dynamic import DynamicQuantLinear
+from graphopt.quant.dynamic import DynamicQuantLinear
 from graphopt.registry import Registry
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import graphopt
 from graphopt.manager import Pipeline
 from graphopt.passes.qdq import QDQ
-from graphopt.quant_equalize import equalize, find_pairs
+from graphopt.passes.qdq.equalize import equalize, find_pairs
 from graphopt.registry import Registry
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graphopt.errors import DataError
-from graphopt.quant_observers import (
+from graphopt.quant.observers import (
     RangeObserver,
     affine_qparams,
     entropy_threshold,

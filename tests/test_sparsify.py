@@ -117,7 +117,7 @@ def test_blocks_are_kept_or_dropped_whole():
 
 @pytest.fixture(scope="module")
 def digits():
-    from graphopt.models import load_data, load_model
+    from graphopt.zoo.models import load_data, load_model
 
     return load_model("digits:vgg")[0], load_data("digits")
 
@@ -138,7 +138,7 @@ def test_masks_survive_copy_and_training_keeps_masked_weights_exactly_zero(digit
         w = gm.get_parameter(name)
         assert bool((w[~mask] == 0).all()), name
         assert int((w != 0).sum()) <= mask.sum()
-    from graphopt.digits import evaluate
+    from graphopt.zoo.digits import evaluate
 
     assert evaluate(gm, data.test) > 0.9
 

@@ -114,7 +114,7 @@ def test_wheel_contents(wheel):
         assert required in names, f"{required} missing from the wheel"
     # the source folders are not shipped as top-level packages, and tests are not shipped
     assert not any(n.startswith(("passes/", "backends/", "tests/", "examples/")) for n in names)
-    assert "graphopt = graphopt.cli:main" in entry_points
+    assert "graphopt = graphopt.app.cli:main" in entry_points
 
 
 def test_wheel_installs_and_imports_passes_and_backends(wheel, tmp_path):

@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import OptionError
-from .graph import Graph, node_meta
+from graphopt.errors import OptionError
+from graphopt.graph import Graph, node_meta
 
 log = logging.getLogger(__name__)
 

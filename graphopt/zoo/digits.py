@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .atomic import atomic_path
+from graphopt.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 INPUT_SHAPE = (1, 1, 8, 8)
 NUM_CLASSES = 10
-CACHE_FORMAT = "graphopt.digits.vgg"
+CACHE_FORMAT = "graphopt.zoo.digits.vgg"
 CACHE_VERSION = 1
 
 Progress = Callable[..., Iterable]

@@ -23,7 +23,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from graphopt.optypes import CONV as _CONV
+from graphopt.optypes import call_sites
+from graphopt.optypes import module_of as _module
 
 
 @dataclass
@@ -31,10 +33,6 @@ class Pair:
     first: str
     second: str
     through: str  # "" or "relu"
-
-
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -56,10 +54,7 @@ def _is_clamp(gm: fx.GraphModule, node: fx.Node) -> bool:
 def find_pairs(gm: fx.GraphModule) -> tuple[list[Pair], list[dict[str, str]]]:
     """Conv/linear pairs joined by identity or ReLU with no other consumer in between; also the
     pairs refused (with the reason)."""
-    sites: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            sites[str(n.target)] = sites.get(str(n.target), 0) + 1
+    sites = call_sites(gm)
     pairs, refused = [], []
     for n in gm.graph.nodes:
         m1 = _module(gm, n)

@@ -18,10 +18,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DataError, GraphoptError
-from .graph import Graph, TensorInfo, node_meta
-from .quant_dynamic import DynamicQuantLinear
-from .quant_modules import (
+from graphopt.errors import DataError, GraphoptError
+from graphopt.graph import Graph, TensorInfo, node_meta
+from graphopt.passes.qdq.placement import Plan, Unit
+from graphopt.quant.dynamic import DynamicQuantLinear
+from graphopt.quant.modules import (
     DQ_OPS,
     Q_OPS,
     FakeQuant,
@@ -33,9 +34,8 @@ from .quant_modules import (
     _QATWeighted,
     qd,
 )
-from .quant_modules import to_integer as integer_layer
-from .quant_observers import QParams, RangeObserver, affine_qparams, sqnr_db
-from .quant_placement import Plan, Unit
+from graphopt.quant.modules import to_integer as integer_layer
+from graphopt.quant.observers import QParams, RangeObserver, affine_qparams, sqnr_db
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """``distill``: train the compressed student against the teacher (by default the model as it
 was traced), on logits and optionally on features paired by provenance.
 
-The objective and the loop are in :mod:`graphopt.distill`; this pass hands it the graph, the
+The objective and the loop are in :mod:`graphopt.passes.distill.loop`; this pass hands it the graph, the
 teacher, the data, the output directory and the progress bar, and reports what happened.
 """
 
 from __future__ import annotations
 
-from graphopt.distill import DistillOptions, distill, teacher_for
 from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.passes.distill.loop import DistillOptions, distill, teacher_for
 
 
 class Distill(Pass):

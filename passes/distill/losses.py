@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import OptionError
+from graphopt.errors import OptionError
 
 Loss = Callable[..., torch.Tensor]
 

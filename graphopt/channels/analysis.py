@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .graph import Graph, node_meta, register_analysis
-from .modules import SelfAttention
+from graphopt.graph import Graph, node_meta
+from graphopt.modules import SelfAttention
+from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM, call_sites
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +230,7 @@ _POOL_FUNCS = {
     F.adaptive_max_pool2d,
     F.adaptive_max_pool3d,
 }
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_CONV, _CONVT, _BN, _IN = CONV, CONV_T, BATCHNORM, INSTANCENORM
 
 
 def _stochastic_depth_funcs() -> set:
@@ -276,10 +274,7 @@ class ChannelAnalysis:
         self.lock_reasons: dict[int, str] = {}  # space id -> first reason
         self.stat_spaces: set[int] = set()  # spaces normalised by LayerNorm/GroupNorm statistics
         self.size_pairs: list[tuple[int, int, str]] = []  # spaces whose sizes must stay equal
-        self._calls: dict[str, int] = defaultdict(int)
-        for n in self.gm.graph.nodes:
-            if n.op == "call_module":
-                self._calls[str(n.target)] += 1
+        self._calls = call_sites(self.gm)
         self._unary_funcs = _UNARY_FUNCS | _stochastic_depth_funcs()
         self._unary_modules = _unary_module_types()
         self._build()
@@ -1302,9 +1297,3 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
     return f"{node.op} {_fn_name(node)}"
-
-
-@register_analysis("channels")
-def channel_analysis(graph: Graph) -> ChannelAnalysis:
-    """The :class:`ChannelAnalysis` of ``graph`` (cached)."""
-    return ChannelAnalysis(graph)

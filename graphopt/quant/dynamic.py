@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .quant_observers import quantize_weight, weight_qparams
+from graphopt.quant.observers import quantize_weight, weight_qparams
 
 
 @torch.library.custom_op("graphopt::dynamic_linear", mutates_args=())

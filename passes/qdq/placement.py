@@ -33,7 +33,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import node_meta
+from graphopt.graph import node_meta
+from graphopt.optypes import CONV, CONV_T, call_sites
 
 UNIT_KINDS = ("conv", "linear", "matmul", "add", "mul", "cat", "avgpool")
 INF = math.inf
@@ -148,7 +149,7 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         t = type(mod)
-        if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if t in CONV:
             if mod.padding_mode != "zeros":
                 return Kind("float", reason=f"conv with padding_mode={mod.padding_mode!r}")
             if sites.get(str(node.target), 0) > 1:
@@ -185,7 +186,7 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
             return Kind("alias")
         if isinstance(mod, _AVGPOOL):
             return Kind("avgpool")
-        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if isinstance(mod, CONV_T):
             return Kind("float", reason="transposed convolution is not quantized yet")
         return Kind("float", reason=f"{t.__name__} has no integer kernel")
     if node.op == "call_function":
@@ -279,10 +280,7 @@ def describe(node: fx.Node) -> str:
 
 def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
     """The quantization plan of ``gm`` (shapes and dtypes must be propagated)."""
-    sites: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            sites[str(n.target)] = sites.get(str(n.target), 0) + 1
+    sites = call_sites(gm)
     kinds = {n: classify(n, gm, sites) for n in gm.graph.nodes}
     result = Plan()
     output_values = set()

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path, write_text
-from .errors import OptionError
+from graphopt.atomic import atomic_path, write_text
+from graphopt.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def run_sweep(
     progress: Callable[..., Iterable] | None = None,
 ) -> list[SweepPoint]:
     """Measure every (ratio, variant) point. ``data`` has ``train`` and ``test`` batch lists."""
-    from .backends import onnxruntime as ort_backend
-    from .cost import cost_of
-    from .digits import evaluate
-    from .manager import Pipeline
-    from .tracing import trace
+    from graphopt.backends import onnxruntime as ort_backend
+    from graphopt.cost import cost_of
+    from graphopt.manager import Pipeline
+    from graphopt.tracing import trace
+    from graphopt.zoo.digits import evaluate
 
     wrap = progress or (lambda it, desc="", total=None: it)
     pipelines = [(r, Pipeline.parse(expand(template, r))) for r in ratios]  # fail early

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import DataError, ModelSpecError
+from graphopt.errors import DataError, ModelSpecError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _resolve(spec: str, progress: Callable | None) -> tuple[nn.Module, tuple[int
 def _digits(name: str, progress: Callable | None) -> nn.Module:
     if name != "vgg":
         raise ModelSpecError(f"unknown digits model {name!r}; the bundled one is digits:vgg")
-    from .digits import pretrained_vgg
+    from graphopt.zoo.digits import pretrained_vgg
 
     return pretrained_vgg(progress=progress)
 
@@ -231,7 +231,7 @@ class NamedData:
 
 
 def _digits_data() -> NamedData:
-    from .digits import INPUT_SHAPE, load_digits_data
+    from graphopt.zoo.digits import INPUT_SHAPE, load_digits_data
 
     data = load_digits_data()
     return NamedData("digits", data.batches("train"), data.batches("test"), INPUT_SHAPE)

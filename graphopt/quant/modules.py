@@ -26,7 +26,13 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant_observers import QParams, RangeObserver, affine_qparams, quantize_weight, weight_qparams
+from graphopt.quant.observers import (
+    QParams,
+    RangeObserver,
+    affine_qparams,
+    quantize_weight,
+    weight_qparams,
+)
 
 qd = torch.ops.quantized_decomposed
 Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import DataError
+from graphopt.errors import DataError
 
 METHODS = ("minmax", "percentile", "mse", "entropy")
 HIST_BINS = 2048

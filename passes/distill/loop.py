@@ -5,10 +5,10 @@ the batches carry them) and feature pairs ``(f_s, f_t)`` through adapters ``a``:
 
     L = α · KD_T(s, t) + (1 - α) · CE(s, y) + β · mean_pairs ℓ(a(f_s), f_t)
 
-``KD_T`` is Hinton's temperature-``T`` KL divergence (see :mod:`graphopt.losses`); without
+``KD_T`` is Hinton's temperature-``T`` KL divergence (see :mod:`graphopt.passes.distill.losses`); without
 labels ``L = KD_T + β·features``. ``α = 0`` is plain fine-tuning with labels through the same
 loop. The student is a :class:`~graphopt.graph.Graph` trained in place; features are read by
-taps (:mod:`graphopt.features`), adapters are dropped afterwards.
+taps (:mod:`graphopt.passes.distill.features`), adapters are dropped afterwards.
 
 :func:`distill` is the library entry point (it takes an ``on_epoch`` evaluation hook); the
 ``distill`` pass wraps it. Under ``torchrun`` it trains with DistributedDataParallel, each rank
@@ -29,14 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
-from .atomic import atomic_path
-from .data import iter_batches, split_batch
-from .errors import DataError, DistillError, OptionError
-from .features import FeaturePair, adapter_for, auto_pairs, parse_pairs, tapped_module
-from .graph import Graph
-from .losses import NEEDS_ADAPTER, get_loss, kd_loss
-from .sparsity import apply_masks, magnitude_masks, masks_of, schedule_of, set_masks, set_schedule
+from graphopt import distributed
+from graphopt.atomic import atomic_path
+from graphopt.data import iter_batches, split_batch
+from graphopt.errors import DataError, DistillError, OptionError
+from graphopt.graph import Graph
+from graphopt.passes.distill.features import (
+    FeaturePair,
+    adapter_for,
+    auto_pairs,
+    parse_pairs,
+    tapped_module,
+)
+from graphopt.passes.distill.losses import NEEDS_ADAPTER, get_loss, kd_loss
+from graphopt.sparsity import (
+    apply_masks,
+    magnitude_masks,
+    masks_of,
+    schedule_of,
+    set_masks,
+    set_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +285,8 @@ class _Teacher:
 
 # -- the loop -------------------------------------------------------------------------------------
 def _teacher_graph(spec: str, student: Graph) -> Graph:
-    from .models import load_model
-    from .tracing import trace
+    from graphopt.tracing import trace
+    from graphopt.zoo.models import load_model
 
     model, _ = load_model(spec)
     return trace(model, student.example_inputs)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_json, write_text
-from .errors import GraphoptError
-from .table import render
+from graphopt.atomic import write_json, write_text
+from graphopt.errors import GraphoptError
+from graphopt.table import render
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DemoResult:
 def _c_measure(onnx_path: Path, c_dir: Path, test, runs: int, cc: str | None) -> dict[str, Any]:
     """Build the C for ``onnx_path`` into ``c_dir``; top-1 over ``test`` one image at a time
     (the C model has batch 1) and the median latency of ``runs`` calls."""
-    from .backends import c as cbackend
+    from graphopt.backends import c as cbackend
 
     model = cbackend.build(onnx_path, cc=cc, flags=("-O2",), out_dir=c_dir)
     correct = seen = 0
@@ -100,9 +100,9 @@ def _c_measure(onnx_path: Path, c_dir: Path, test, runs: int, cc: str | None) ->
 
 
 def _measure(label, pipeline, graph, index, cfg: DemoConfig, test, result: DemoResult):
-    from .backends import onnxruntime as ort_backend
-    from .cost import cost_of
-    from .digits import evaluate
+    from graphopt.backends import onnxruntime as ort_backend
+    from graphopt.cost import cost_of
+    from graphopt.zoo.digits import evaluate
 
     stem = f"{index}-{label}"
     onnx_path = cfg.out / "stages" / f"{stem}.onnx"
@@ -123,7 +123,7 @@ def _measure(label, pipeline, graph, index, cfg: DemoConfig, test, result: DemoR
     if cfg.c:
         c_dir = cfg.out / "c" / stem
         shutil.rmtree(c_dir, ignore_errors=True)
-        from .backends.c import UnsupportedError
+        from graphopt.backends.c import UnsupportedError
 
         try:
             row.update(_c_measure(onnx_path, c_dir, test, cfg.runs, cfg.cc))
@@ -142,10 +142,10 @@ def _measure(label, pipeline, graph, index, cfg: DemoConfig, test, result: DemoR
 
 def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -> DemoResult:
     """Run every stage, writing outputs as it goes; see the module docstring."""
-    from .digits import INPUT_SHAPE, load_digits_data, pretrained_vgg
-    from .manager import Pipeline
-    from .models import example_inputs
-    from .tracing import trace
+    from graphopt.manager import Pipeline
+    from graphopt.tracing import trace
+    from graphopt.zoo.digits import INPUT_SHAPE, load_digits_data, pretrained_vgg
+    from graphopt.zoo.models import example_inputs
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     wrap = progress or (lambda it, desc="", total=None: it)

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import write_json
-from .errors import DataError, GraphoptError
-from .table import render
+from graphopt import __version__
+from graphopt.atomic import write_json
+from graphopt.errors import DataError, GraphoptError
+from graphopt.table import render
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _replace(src: Path, dst: Path) -> None:
 # -- shared helpers ----------------------------------------------------------------------------
 def _ort():
     try:
-        from .backends import onnxruntime as ort_backend
+        from graphopt.backends import onnxruntime as ort_backend
     except ImportError as e:
         raise GraphoptError(
             f"the ONNX Runtime backend is unavailable ({e}); use --backend none"
@@ -184,13 +184,13 @@ def _fmt_parity(parity: dict | None) -> str:
 
 
 def _load(spec: str, input_shape: str | None):
-    from .models import load_model
+    from graphopt.zoo.models import load_model
 
     return load_model(spec, input_shape, progress=progress)
 
 
 def _trace(model, inputs, leaves: Sequence[str] = ()):
-    from .tracing import trace
+    from graphopt.tracing import trace
 
     return trace(model, inputs, leaf_modules=tuple(leaves))
 
@@ -205,14 +205,14 @@ def _check_data_fits(data, inputs: tuple[torch.Tensor, ...]) -> None:
 
 
 def _ort_top1(ort_backend, onnx_path: Path, batches, threads: int) -> float:
-    from .digits import evaluate
+    from graphopt.zoo.digits import evaluate
 
     sess = ort_backend.session(onnx_path, threads=threads)
     return evaluate(lambda x: ort_backend.run(sess, x.numpy())[0], batches)
 
 
 def _validate_print_after(names: Sequence[str]) -> None:
-    from .registry import REGISTRY
+    from graphopt.registry import REGISTRY
 
     for name in names:
         if name != "all":
@@ -222,16 +222,16 @@ def _validate_print_after(names: Sequence[str]) -> None:
 # -- run ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Load, trace, run the pipeline, export; write model.pt, model.onnx, report.json."""
-    from .cost import cost_of
-    from .distributed import is_main
-    from .instruments import PrintAfter
-    from .manager import Pipeline
+    from graphopt.cost import cost_of
+    from graphopt.distributed import is_main
+    from graphopt.instruments import PrintAfter
+    from graphopt.manager import Pipeline
 
     pipeline = Pipeline.parse(args.pipeline)  # bad pipelines fail before anything is loaded
     _validate_print_after(args.print_after)
     data = None
     if args.data:
-        from .models import load_data
+        from graphopt.zoo.models import load_data
 
         data = load_data(args.data)
     t0 = time.perf_counter()
@@ -264,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.backend == "ort":
             _ort_compare(args, original, result.graph, stage, rows, data)
         elif data is not None:
-            from .digits import evaluate
+            from graphopt.zoo.digits import evaluate
 
             rows["original"]["top1"] = evaluate(original.module, data.test)
             rows["optimized"]["top1"] = evaluate(result.graph.module, data.test)
@@ -285,7 +285,7 @@ def _save_module(graph, path: Path) -> None:
     that it reloads and computes the same outputs."""
     import copy
 
-    from .metrics import within
+    from graphopt.metrics import within
 
     module = copy.deepcopy(graph.module)
     module._tracer_cls = None  # unpickling then re-traces with torch.fx.Tracer, not graphopt's
@@ -322,7 +322,7 @@ def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> No
                 paths[name], threads=args.threads, runs=args.runs
             )
             if data is not None:
-                from .digits import evaluate
+                from graphopt.zoo.digits import evaluate
 
                 rows[name]["top1"] = evaluate(graph.module, data.test)
                 rows[name]["top1_ort"] = _ort_top1(
@@ -353,7 +353,7 @@ def _run_table(rows: dict, with_accuracy: bool, threads: int) -> str:
 
 
 def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> dict[str, Any]:
-    from .distributed import world_size
+    from graphopt.distributed import world_size
 
     def row_json(r: dict) -> dict[str, Any]:
         d: dict[str, Any] = {"cost": r["cost"].to_dict()}
@@ -383,8 +383,8 @@ def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> d
 # -- passes ------------------------------------------------------------------------------------
 def cmd_passes(args: argparse.Namespace) -> int:
     """Every registered pass with its origin, kind, summary and options."""
-    from .options import option_help
-    from .registry import REGISTRY
+    from graphopt.options import option_help
+    from graphopt.registry import REGISTRY
 
     blocks = []
     for name, cls in REGISTRY.items():
@@ -406,7 +406,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 # -- inspect -----------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Per-layer cost table and totals."""
-    from .cost import cost_of
+    from graphopt.cost import cost_of
 
     model, inputs = _load(args.model, args.input_shape)
     graph = _trace(model, inputs, args.leaf)
@@ -426,9 +426,9 @@ SWEEP_TEMPLATE = "fold-bn,prune(ratio={ratio}),distill(epochs=10),qdq"
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the pipeline template per ratio; write sweep.csv and tradeoff.png."""
-    from .manager import Pipeline
-    from .models import load_data
-    from .sweep import expand, plot, run_sweep, table_rows, write_csv
+    from graphopt.app.sweep import expand, plot, run_sweep, table_rows, write_csv
+    from graphopt.manager import Pipeline
+    from graphopt.zoo.models import load_data
 
     for r in args.ratios:
         Pipeline.parse(expand(args.pipeline_template, r))  # bad templates fail before loading
@@ -500,7 +500,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- emit-c ------------------------------------------------------------------------------------
 def cmd_emit_c(args: argparse.Namespace) -> int:
     """ONNX -> C99 sources (header, code, weights) and report.json."""
-    from .backends.c import emit
+    from graphopt.backends.c import emit
 
     path = Path(args.model)
     if not path.exists():
@@ -526,7 +526,7 @@ def cmd_emit_c(args: argparse.Namespace) -> int:
 # -- demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """digits:vgg through every demo stage, lowered to ORT and C, measured after each."""
-    from .demo import DemoConfig, run_demo, table
+    from graphopt.app.demo import DemoConfig, run_demo, table
 
     cfg = DemoConfig(
         out=Path(args.out),

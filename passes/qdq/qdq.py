@@ -3,15 +3,15 @@ as integer kernels.
 
 PTQ (``mode=ptq``, the default):
 
-1. plan (:mod:`graphopt.quant_placement`): fusion units (conv/linear/add/mul/matmul/concat/
+1. plan (:mod:`graphopt.passes.qdq.placement`): fusion units (conv/linear/add/mul/matmul/concat/
    avg-pool plus a following ReLU/ReLU6/clamp), pass-through ops that share their input's
    qparams, float ops left alone (listed in the report with the reason);
-2. calibrate (:mod:`graphopt.quant_observers`): an observer on every quantized value sees up to
+2. calibrate (:mod:`graphopt.quant.observers`): an observer on every quantized value sees up to
    ``batches`` batches of ``data``; ``minmax``, ``percentile``, ``mse`` or ``entropy`` picks
    the range ``[lo, hi]``, and ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``;
-3. fake-quant form (:mod:`graphopt.quant_modules`); with ``bias-correction`` each layer's bias
+3. fake-quant form (:mod:`graphopt.quant.modules`); with ``bias-correction`` each layer's bias
    absorbs ``E[(W - W_q) x]`` measured on the calibration data; ``equalize`` first rescales
-   conv/linear pairs channel by channel (:mod:`graphopt.quant_equalize`);
+   conv/linear pairs channel by channel (:mod:`graphopt.passes.qdq.equalize`);
 4. integer form: ``dequantize(quantize(x))`` on activations, int8 weights
    ``W = s_w W_q`` (symmetric, per output channel by default) and int32 biases
    ``b = s_x s_w b_q``. The graph computes what ORT's QLinearConv / QGemm compute, up to
@@ -37,11 +37,11 @@ import torch.fx as fx
 from graphopt.cpu import cpu_int8, resolve_target, weight_qmax
 from graphopt.errors import DataError
 from graphopt.graph import Graph
+from graphopt.optypes import call_sites
 from graphopt.pass_api import Pass, PassContext, PassResult
-from graphopt.quant_dynamic import DynamicQuantLinear
-from graphopt.quant_equalize import equalize
-from graphopt.quant_placement import matches, plan
-from graphopt.quant_rewrite import (
+from graphopt.passes.qdq.equalize import equalize
+from graphopt.passes.qdq.placement import matches, plan
+from graphopt.passes.qdq.rewrite import (
     QuantizationError,
     bias_correction,
     calibrate,
@@ -56,6 +56,7 @@ from graphopt.quant_rewrite import (
     to_integer,
     unit_report,
 )
+from graphopt.quant.dynamic import DynamicQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +310,7 @@ class QDQ(Pass):
         opts: QDQOptions = self.options
         gm = graph.module
         reference = graph.copy()
-        sites: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                sites[str(n.target)] = sites.get(str(n.target), 0) + 1
+        sites = call_sites(gm)
         done, skipped = [], []
         for n in gm.graph.nodes:
             if (

@@ -1,0 +1,35 @@
+"""Which module types are which, and who calls a module: one definition each, for every pass.
+
+``CONV`` / ``CONV_T`` / ``BATCHNORM`` / ``INSTANCENORM`` / ``WEIGHTED`` are exact-type tuples
+(subclasses with their own ``forward`` are not assumed to compute the same thing);
+:func:`call_sites` counts the ``call_module`` nodes per module path (a module called at several
+places shares its weights between them); :func:`module_of` is a node's module or ``None``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx as fx
+import torch.nn as nn
+
+CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_T: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+BATCHNORM: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+INSTANCENORM: tuple[type[nn.Module], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+WEIGHTED: tuple[type[nn.Module], ...] = (*CONV, nn.Linear)
+"""Layers whose weight has output channels on axis 0 and that qdq/sparsify/equalize rewrite."""
+
+
+def call_sites(gm: fx.GraphModule) -> Counter[str]:
+    """Module path -> how many ``call_module`` nodes call it."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else ``None``."""
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None

@@ -204,8 +204,12 @@ class Pipeline:
         atol: float = 1e-6,
         progress=None,
         seed: int = 0,
+        record: bool = True,
     ) -> PipelineResult:
-        """Run every pass on ``graph`` (in place) and return the result with per-pass reports."""
+        """Run every pass on ``graph`` (in place) and return the result with per-pass reports.
+
+        ``record`` appends this pipeline's text to ``graph.module.meta["graphopt.pipeline"]``
+        (the ONNX export stores it); nested pipelines run with ``record=False``."""
         if not isinstance(graph, Graph):
             raise TypeError(
                 f"Pipeline.run expects a graphopt.Graph, got {type(graph).__name__}; "
@@ -243,6 +247,7 @@ class Pipeline:
                 verify=False,
                 progress=ctx.progress,
                 seed=seed,
+                record=False,
             )
 
         ctx.nested = nested
@@ -323,7 +328,7 @@ class Pipeline:
             reports.append(report)
             log.info("pass %s: %s (%.3fs)", report.spec, report.summary or "done", report.seconds)
         done = str(self)
-        if any(r.modified for r in reports):
+        if record and self.specs:
             before = graph.module.meta.get(PIPELINE_META)
             graph.module.meta[PIPELINE_META] = f"{before},{done}" if before else done
         return PipelineResult(graph, done, reports, time.perf_counter() - t_start)

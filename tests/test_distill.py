@@ -245,7 +245,7 @@ def test_a_diverging_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(di
             DistillOptions(epochs=3, checkpoint_dir=str(ck)),
             on_epoch=remember_then_poison,
         )
-    saved = torch.load(ck / CHECKPOINT, weights_only=False)
+    saved = torch.load(ck / CHECKPOINT, weights_only=True)
     assert saved["epoch"] == 1
     restored = _state(student)
     assert all(torch.equal(restored[k], before_poison[k]) for k in restored)

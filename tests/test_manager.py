@@ -422,3 +422,18 @@ def test_function_pass_in_the_global_registry_is_cleaned_up(graph):
         graphopt.REGISTRY._passes.pop(name, None)
         graphopt.REGISTRY._origin.pop(name, None)
     assert name not in graphopt.REGISTRY.names()
+
+
+def test_nested_pipeline_names_are_checked_when_parsed():
+    with pytest.raises(graphopt.OptionError, match=r"between=.*unknown pass 'distil'.*'distill'"):
+        graphopt.Pipeline.parse('prune(ratio=0.5,steps=2,between="distil(epochs=1)")')
+    p = graphopt.Pipeline.parse('prune(ratio=0.5,steps=2,between="distill(epochs=1)")')
+    assert p.uses_data() and p.uses_teacher()  # through the nested distill
+    assert not graphopt.Pipeline.parse("prune(ratio=0.5)").uses_data()
+
+
+def test_run_nested_needs_the_manager():
+    from graphopt.pass_api import PassContext
+
+    with pytest.raises(RuntimeError, match="only the pass manager"):
+        PassContext().run_nested("dce", None)

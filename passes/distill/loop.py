@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt import distributed
-from graphopt.atomic import atomic_path
-from graphopt.data import iter_batches, split_batch
 from graphopt.errors import DataError, DistillError, OptionError
 from graphopt.graph import Graph
+from graphopt.passes.distill.batches import Batches
+from graphopt.passes.distill.checkpoint import CHECKPOINT, EpochStats, resume, save_checkpoint
 from graphopt.passes.distill.features import (
     FeaturePair,
     adapter_for,
@@ -53,7 +53,6 @@ from graphopt.sparsity import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "distill.pt"
 CACHE_LIMIT_BYTES = 256 << 20  # teacher outputs cached in memory below this size
 
 
@@ -128,106 +127,6 @@ class DistillOptions:
             raise OptionError("distill: features=auto cannot be combined with explicit pairs")
 
 
-@dataclass
-class EpochStats:
-    epoch: int
-    loss: float
-    seconds: float
-    holdout: dict[str, float] = field(default_factory=dict)
-
-
-# -- data -----------------------------------------------------------------------------------------
-class _Batches:
-    """Training and held-out batches. In-memory data (a list or tuple of batches) is pooled
-    into samples and reshuffled each epoch; other iterables are used batch by batch, every
-    ``round(1/holdout)``-th batch held out."""
-
-    def __init__(
-        self, data: Any, opts: DistillOptions, gen: torch.Generator, world: int, rank: int
-    ):
-        if data is None:
-            raise DataError(
-                "distill needs training batches: pass data=batches to Pipeline.run / compress "
-                "(inputs or (inputs, labels)), or --data NAME on the command line"
-            )
-        self.world, self.rank, self.gen = world, rank, gen
-        self.pooled = isinstance(data, (list, tuple))
-        if self.pooled:
-            items = [split_batch(item) for item in data]
-            if not items:
-                raise DataError("distill: the data has no batches")
-            n_in = {len(x) for x, _ in items}
-            if len(n_in) != 1:
-                raise DataError("distill: batches have different numbers of inputs")
-            self.inputs = tuple(torch.cat([x[i] for x, _ in items]) for i in range(n_in.pop()))
-            labelled = [y is not None for _, y in items]
-            if any(labelled) and not all(labelled):
-                log.warning("distill: only some batches carry labels; training without labels")
-            self.labels = torch.cat([y for _, y in items]) if all(labelled) else None
-            n = len(self.inputs[0])
-            self.batch_size = opts.batch_size or len(items[0][0][0])
-            perm = torch.randperm(n, generator=gen)
-            n_hold = int(round(opts.holdout * n))
-            if n - n_hold < 1:
-                n_hold = 0
-            self.hold_idx, self.train_idx = perm[:n_hold], perm[n_hold:]
-            self.has_holdout = n_hold > 0
-        else:
-            if opts.batch_size is not None:
-                log.warning("distill: batch-size applies to in-memory data only; ignored")
-            self.data = data
-            self.every = int(round(1 / opts.holdout)) if opts.holdout > 0 else 0
-            count = len(data) if hasattr(data, "__len__") else sum(1 for _ in iter_batches(data))
-            if count == 0:
-                raise DataError("distill: the data has no batches")
-            if self.every and count < self.every:
-                self.every = 0
-            self.has_holdout = self.every > 0
-            n_train = count - (count // self.every if self.every else 0)
-            self.per_rank = n_train // world
-            if self.per_rank == 0:
-                raise DataError(f"distill: {n_train} training batches cannot feed {world} ranks")
-
-    @property
-    def labelled(self) -> bool:
-        if self.pooled:
-            return self.labels is not None
-        _, y = next(iter_batches(self.data))
-        return y is not None
-
-    def _take(self, idx: torch.Tensor):
-        x = tuple(t[idx] for t in self.inputs)
-        return x, (self.labels[idx] if self.labels is not None else None), idx
-
-    def epoch(self) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor | None, Any]]:
-        """This rank's batches for one epoch: ``(inputs, labels, sample_index_or_None)``."""
-        if self.pooled:
-            order = self.train_idx[torch.randperm(len(self.train_idx), generator=self.gen)]
-            per = len(order) // self.world
-            mine = order[self.rank :: self.world][:per] if self.world > 1 else order
-            return [self._take(idx) for idx in mine.split(self.batch_size)]
-        out = []
-        j = 0
-        for i, (x, y) in enumerate(iter_batches(self.data)):
-            if self.every and i % self.every == self.every - 1:
-                continue
-            if j % self.world == self.rank and len(out) < self.per_rank:
-                out.append((x, y, None))
-            j += 1
-        return out
-
-    def holdout(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None, Any]]:
-        if not self.has_holdout:
-            return
-        if self.pooled:
-            for idx in self.hold_idx.split(max(self.batch_size, 256)):
-                yield self._take(idx)
-            return
-        for i, (x, y) in enumerate(iter_batches(self.data)):
-            if i % self.every == self.every - 1:
-                yield x, y, None
-
-
 # -- modules --------------------------------------------------------------------------------------
 def _logits(out: Any, who: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
@@ -266,7 +165,7 @@ class _Teacher:
         return _logits(out, "teacher"), list(feats)
 
     @torch.no_grad()
-    def fill_cache(self, batches: _Batches) -> None:
+    def fill_cache(self, batches: Batches) -> None:
         if not batches.pooled:
             return
         n = len(batches.inputs[0])
@@ -395,7 +294,7 @@ def distill(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         gen = torch.Generator().manual_seed(opts.seed)
-        batches = _Batches(data, opts, gen, world, rank)
+        batches = Batches(data, opts, gen, world, rank)
         labelled = batches.labelled
         if opts.alpha == 0.0 and not labelled:
             raise DataError("distill: alpha=0 trains on labels only, but the batches carry none")
@@ -450,7 +349,7 @@ def distill(
         stale = 0
         start_epoch = 0
         if opts.resume:
-            start_epoch, best, history = _resume(ckpt_dir, model, opt, sched, gen)
+            start_epoch, best, history = resume(ckpt_dir, model, opt, sched, gen)
         inner = model.module if ddp else model
 
         def evaluate() -> dict[str, float]:
@@ -543,7 +442,7 @@ def distill(
                 "".join(f", held-out {k} {v:.4f}" for k, v in stats.holdout.items()),
             )
             if ckpt_dir is not None and distributed.is_main():
-                _checkpoint(ckpt_dir, epoch + 1, inner, opt, sched, gen, best, history)
+                save_checkpoint(ckpt_dir, epoch + 1, inner, opt, sched, gen, best, history)
             good = _state(inner)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -561,45 +460,6 @@ def distill(
             inner.load_state_dict(best[2])
         gm.eval()
     return _report(opts, pairs, adapters, history, best, world, labelled, ckpt_dir, t_start)
-
-
-def _checkpoint(ckpt_dir: Path, epoch, inner, opt, sched, gen, best, history) -> None:
-    state = {
-        "format": 1,
-        "epoch": epoch,
-        "model": inner.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "best": best,
-        "history": [asdict(h) for h in history],
-    }
-    with atomic_path(ckpt_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
-
-
-def _resume(ckpt_dir: Path | None, model, opt, sched, gen):
-    path = ckpt_dir / CHECKPOINT if ckpt_dir else None
-    if path is None or not path.exists():
-        log.warning("distill: resume=true but no checkpoint at %s; starting from epoch 1", path)
-        return 0, None, []
-    state = torch.load(path, weights_only=False)
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    try:
-        inner.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise DistillError(
-            f"distill: the checkpoint {path} does not fit this student (was it written by a "
-            f"different pipeline?): {str(e).splitlines()[0]}"
-        ) from e
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    history = [EpochStats(**h) for h in state["history"]]
-    log.info("distill: resumed from %s after epoch %d", path, state["epoch"])
-    return state["epoch"], state["best"], history
 
 
 def _report(opts, pairs: list[FeaturePair], adapters, history, best, world, labelled, ckpt_dir, t0):

@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 PIPELINE_META = "graphopt.pipeline"
 """``GraphModule.meta`` key: the pipeline texts that made this graph (the ONNX export keeps it)."""
+TRACE_META = "graphopt.trace"
+"""``GraphModule.meta`` key: the trace report (front end, input names, bound defaults, leaves)."""
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,12 @@ class Graph:
         self.module = module
         self.example_inputs = tuple(example_inputs)
         self._analyses: dict[Callable[[Graph], Any], Any] = {}
+
+    @property
+    def trace_report(self) -> dict[str, Any]:
+        """How the model was traced: ``frontend``, ``inputs`` (names, in call order), ``bound``
+        (parameters fixed to constants) and ``auto_leaves`` (module, reason, source line)."""
+        return self.module.meta.get(TRACE_META, {})
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *inputs: torch.Tensor) -> Any:

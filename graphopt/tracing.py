@@ -1,16 +1,32 @@
 """Tracing a user's model into a :class:`~graphopt.graph.Graph`.
 
 The user's module is deep-copied first, so nothing graphopt does can change it. Tracing uses
-``torch.fx`` symbolic tracing; a failure (data-dependent control flow, an untraceable call)
-becomes a :class:`~graphopt.errors.TraceError` naming the module being traced and the line of
-the user's source that failed, and suggesting ``leaf_modules``.
+``torch.fx`` symbolic tracing.
+
+**Inputs.** ``example_inputs`` is a tensor, a tuple of tensors (positional), a dict of keyword
+arguments, or ``(args, kwargs)``. Every ``forward`` parameter the caller did not give is bound
+to its default as a constant (fx ``concrete_args``), so flags such as ``embed=False`` or
+``return_dict=None`` take their default branch; the specialised placeholders and their guards
+are then removed, and the traced module takes exactly the given tensors, positionally, in
+``forward``'s order (their names are kept for the ONNX export).
+
+**Leaves.** A submodule fx cannot trace (data-dependent control flow, an untraceable call) is
+made a leaf and the trace retried, innermost failing module first (NVIDIA ModelOpt's tracer
+does the same); each such leaf is reported with its reason and source line. A leaf stays
+opaque: passes leave its channels locked. With ``strict=True``, or when the top-level
+``forward`` itself fails, the failure is a :class:`~graphopt.errors.TraceError` naming the
+module and the line of the user's source that failed, and suggesting ``leaf_modules``.
+
+What was bound and which leaves were made is in ``graph.trace_report``.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import logging
+import operator
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -20,11 +36,13 @@ import torch
 import torch.fx as fx
 
 from .errors import DataError, TraceError
-from .graph import Graph, NodeMeta
+from .graph import TRACE_META, Graph, NodeMeta
 
 log = logging.getLogger(__name__)
 
 LeafSpec = str | type
+
+MAX_AUTO_LEAVES = 64
 
 
 class _Tracer(fx.Tracer):
@@ -75,32 +93,157 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
-def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and all(
-        isinstance(t, torch.Tensor) for t in example_inputs
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from a tensor, a tuple/list, a dict, or an ``(args, kwargs)`` pair."""
+    x = example_inputs
+    if isinstance(x, torch.Tensor):
+        return (x,), {}
+    if isinstance(x, dict):
+        return (), dict(x)
+    if (
+        isinstance(x, (list, tuple))
+        and len(x) == 2
+        and isinstance(x[0], (list, tuple))
+        and isinstance(x[1], dict)
     ):
-        return tuple(example_inputs)
+        return tuple(x[0]), dict(x[1])
+    if isinstance(x, (list, tuple)):
+        return tuple(x), {}
     raise DataError(
-        "example_inputs must be a tensor or a tuple of tensors, "
-        f"got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a tuple of tensors, a dict of keyword arguments or "
+        f"(args, kwargs); got {type(x).__name__}"
     )
+
+
+def _bind(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any], list[str]]:
+    """Match the example inputs to ``forward``'s parameters.
+
+    Returns the given tensor inputs as ``(name, tensor)`` in ``forward``'s order, the
+    parameters to bind as constants (their defaults, or a non-tensor value the caller gave),
+    and every parameter's name in order."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        sig = None
+    if sig is None or any(
+        p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()
+    ):
+        if kwargs:
+            raise DataError(
+                f"{type(model).__name__}.forward takes *args/**kwargs: give example inputs "
+                "positionally (a tensor or a tuple)"
+            )
+        _check_tensors(args, type(model).__name__)
+        return [(f"input_{i}" if i else "input", t) for i, t in enumerate(args)], {}, []
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    names = [p.name for p in params]
+    positional = [p for p in params if p.kind != p.KEYWORD_ONLY]
+    if len(args) > len(positional):
+        raise DataError(
+            f"{type(model).__name__}.forward takes {len(positional)} positional inputs "
+            f"({', '.join(p.name for p in positional)}); got {len(args)}"
+        )
+    given: dict[str, Any] = {p.name: a for p, a in zip(positional, args)}
+    for key, value in kwargs.items():
+        if key not in names:
+            raise DataError(
+                f"example input {key!r} is not a parameter of {type(model).__name__}.forward; "
+                f"its parameters are: {', '.join(names)}"
+            )
+        if key in given:
+            raise DataError(f"example input {key!r} is given both positionally and by name")
+        given[key] = value
+    tensors: list[tuple[str, torch.Tensor]] = []
+    bound: dict[str, Any] = {}
+    for p in params:
+        if p.name in given:
+            value = given[p.name]
+            if isinstance(value, torch.Tensor):
+                tensors.append((p.name, value))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                bound[p.name] = value
+            else:
+                raise DataError(
+                    f"example_inputs: {p.name!r} is a {type(value).__name__}; give tensors, or "
+                    "plain constants (bool, int, float, str, None) to bind"
+                )
+        elif p.default is not p.empty:
+            bound[p.name] = p.default
+        else:
+            raise DataError(
+                f"{type(model).__name__}.forward needs {p.name!r}, which the example inputs do "
+                f"not give (they give: {', '.join(given) or 'nothing'})"
+            )
+    if not tensors:
+        raise DataError(f"the example inputs give {type(model).__name__}.forward no tensor")
+    return tensors, bound, names
+
+
+def _check_tensors(values: Sequence[Any], who: str) -> None:
+    for v in values:
+        if not isinstance(v, torch.Tensor):
+            raise DataError(f"example inputs of {who} must be tensors, got {type(v).__name__}")
+
+
+def _drop_bound_placeholders(gm: fx.GraphModule, order: list[str], bound: dict[str, Any]) -> None:
+    """Remove the placeholders fx keeps for ``concrete_args`` (one per ``forward`` parameter,
+    in ``order``) and their guards; a use of a bound value in the computation reads the
+    constant."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(order):  # pragma: no cover - fx changed how it names them
+        raise TraceError(
+            f"fx gave {len(placeholders)} inputs for the {len(order)} parameters of forward"
+        )
+    for ph, name in zip(placeholders, order):
+        if name not in bound:
+            continue
+        value = bound[name]
+        for user in list(ph.users):
+            if user.op == "call_function" and user.target is operator.eq:
+                for guard in list(user.users):
+                    if guard.op == "call_function" and guard.target is torch._assert:
+                        graph.erase_node(guard)
+                if not user.users:
+                    graph.erase_node(user)
+            elif user.op == "call_function" and getattr(user.target, "__name__", "") == (
+                "_assert_is_none"
+            ):
+                graph.erase_node(user)
+        for user in list(ph.users):
+
+            def const(n: fx.Node, ph: fx.Node = ph, value: Any = value) -> Any:
+                return value if n is ph else n
+
+            user.args = fx.node.map_arg(user.args, const)
+            user.kwargs = fx.node.map_arg(user.kwargs, const)
+        graph.erase_node(ph)
+    gm.recompile()
 
 
 def trace(
     model: torch.nn.Module,
     example_inputs: Any,
     leaf_modules: Iterable[LeafSpec] = (),
+    *,
+    strict: bool = False,
 ) -> Graph:
     """Trace ``model`` into a :class:`Graph` without touching ``model``.
 
     Args:
         model: the user's module; it is deep-copied and the copy is traced.
-        example_inputs: a tensor or tuple of tensors; used for shape propagation and as the
-            fixed batch the pass manager verifies against.
+        example_inputs: a tensor, a tuple of tensors, a dict of keyword arguments, or
+            ``(args, kwargs)``; used for shape propagation and as the fixed batch the pass
+            manager verifies against. Parameters not given are bound to their defaults.
         leaf_modules: module paths (fnmatch globs) or module classes to keep opaque. Passes
             leave the channels of leaf modules locked.
+        strict: refuse instead of making untraceable submodules leaves automatically.
 
     Raises:
         TraceError: the model cannot be traced; the message names the module and source line.
@@ -108,36 +251,59 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() expects a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    args, kwargs = _split_inputs(example_inputs)
+    tensors, bound, order = _bind(model, args, kwargs)
     try:
         root = copy.deepcopy(model)
     except Exception as e:  # pragma: no cover - exotic modules
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
 
-    tracer = _Tracer(list(leaf_modules))
-    try:
-        fx_graph = tracer.trace(root)
-    except Exception as e:
-        path = tracer.failed_path
-        where = f"module {path!r}" if path else f"the top-level {type(model).__name__}.forward"
-        src = _user_frame(e)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            f"pass leaf_modules=[{path!r}] (CLI: --leaf {path}) to keep it opaque"
-            if path
-            else "make forward traceable or mark the failing submodule with leaf_modules"
-        )
-        msg = f"cannot trace {where}: {first}"
-        if src:
-            msg += f" at {src}"
-        raise TraceError(f"{msg}; {hint}", module_path=path, source=src) from e
+    leaves = list(leaf_modules)
+    auto: list[dict[str, str]] = []
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            fx_graph = tracer.trace(root, concrete_args=dict(bound) or None)
+            break
+        except Exception as e:
+            path = tracer.failed_path
+            error = _trace_error(model, e, path)
+            if strict or not path or path in leaves or len(auto) >= MAX_AUTO_LEAVES:
+                raise error from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            auto.append({"module": path, "reason": reason, "source": error.source or ""})
+            log.info("trace: %s made a leaf (%s)", path, reason)
+            leaves.append(path)
 
     gm = fx.GraphModule(root, fx_graph, class_name=type(model).__name__)
+    if bound:
+        _drop_bound_placeholders(gm, order, bound)
     _annotate(gm, tracer.user_leaves)
-    graph = Graph(gm, inputs)
+    gm.meta[TRACE_META] = {
+        "frontend": "fx",
+        "inputs": [name for name, _ in tensors],
+        "bound": {k: repr(v) for k, v in bound.items()},
+        "auto_leaves": auto,
+    }
+    graph = Graph(gm, tuple(t for _, t in tensors))
     graph.propagate_shapes()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return graph
+
+
+def _trace_error(model: torch.nn.Module, e: BaseException, path: str | None) -> TraceError:
+    where = f"module {path!r}" if path else f"the top-level {type(model).__name__}.forward"
+    src = _user_frame(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = (
+        f"pass leaf_modules=[{path!r}] (CLI: --leaf {path}) to keep it opaque"
+        if path
+        else "make forward traceable or mark the failing submodule with leaf_modules"
+    )
+    msg = f"cannot trace {where}: {first}"
+    if src:
+        msg += f" at {src}"
+    return TraceError(f"{msg}; {hint}", module_path=path, source=src)
 
 
 def _annotate(gm: fx.GraphModule, user_leaves: set[str]) -> None:

@@ -190,7 +190,7 @@ def test_leaf_by_class():
 # -- trace errors -------------------------------------------------------------------------------
 def test_control_flow_in_submodule_names_path_source_line_and_leaf_hint():
     with pytest.raises(graphopt.TraceError) as info:
-        graphopt.trace(Branchy(), torch.randn(1, 3, 8, 8))
+        graphopt.trace(Branchy(), torch.randn(1, 3, 8, 8), strict=True)
     err = info.value
     msg = str(err)
     line = _line_of(Inner, "if x.sum() > 0")
@@ -202,6 +202,19 @@ def test_control_flow_in_submodule_names_path_source_line_and_leaf_hint():
     assert err.module_path == "block.inner"
     assert err.source is not None and err.source.startswith(f"{__file__}:{line}")
     assert isinstance(err, graphopt.GraphoptError)
+
+
+def test_an_untraceable_submodule_becomes_a_leaf_automatically():
+    model = Branchy()
+    x = torch.randn(1, 3, 8, 8)
+    g = graphopt.trace(model, x)
+    _assert_opaque(g, "block.inner", Inner)
+    (leaf,) = g.trace_report["auto_leaves"]
+    assert leaf["module"] == "block.inner"
+    assert "control flow" in leaf["reason"]
+    assert leaf["source"].startswith(f"{__file__}:{_line_of(Inner, 'if x.sum() > 0')}")
+    for sign in (1, -1):  # both branches still run: the leaf is the user's own code
+        torch.testing.assert_close(g.module(sign * x), model(sign * x))
 
 
 def test_marking_the_failing_submodule_as_leaf_traces():

@@ -127,12 +127,10 @@ def _bind(
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         sig = None
-    if sig is None or any(
-        p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()
-    ):
+    if sig is None or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
         if kwargs:
             raise DataError(
-                f"{type(model).__name__}.forward takes *args/**kwargs: give example inputs "
+                f"{type(model).__name__}.forward takes *args: give example inputs "
                 "positionally (a tensor or a tuple)"
             )
         _check_tensors(args, type(model).__name__)
@@ -233,6 +231,7 @@ def trace(
     leaf_modules: Iterable[LeafSpec] = (),
     *,
     strict: bool = False,
+    frontend: str = "auto",
 ) -> Graph:
     """Trace ``model`` into a :class:`Graph` without touching ``model``.
 
@@ -244,6 +243,9 @@ def trace(
         leaf_modules: module paths (fnmatch globs) or module classes to keep opaque. Passes
             leave the channels of leaf modules locked.
         strict: refuse instead of making untraceable submodules leaves automatically.
+        frontend: ``fx``, ``export`` (:mod:`graphopt.export_frontend`), or ``auto``: fx
+            without leaves, else export, else fx with automatic leaves (the report says which
+            one served).
 
     Raises:
         TraceError: the model cannot be traced; the message names the module and source line.
@@ -258,7 +260,79 @@ def trace(
     except Exception as e:  # pragma: no cover - exotic modules
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
 
+    if frontend not in ("auto", "fx", "export"):
+        raise TraceError(f"unknown frontend {frontend!r}; use auto, fx or export")
     leaves = list(leaf_modules)
+    failures: list[str] = []
+    fx_error: TraceError | None = None
+    gm = user_leaves = None
+    served = frontend
+    out_names: list[str] = []
+    auto: list[dict[str, str]] = []
+    if frontend in ("fx", "auto"):
+        try:
+            gm, user_leaves, auto = _trace_fx(
+                model, root, leaves, bound, order, strict=strict or frontend == "auto"
+            )
+            served = "fx"
+        except TraceError as e:
+            if frontend == "fx":
+                raise
+            fx_error = e
+            failures.append(f"fx: {e}")
+    if gm is None and frontend in ("export", "auto") and not leaves:
+        from .export_frontend import export_graph_module
+
+        try:
+            gm, out_names = export_graph_module(root, tensors, bound)
+            user_leaves, served = set(), "export"
+        except TraceError as e:
+            if frontend == "export":
+                raise
+            failures.append(f"export: {e}")
+    elif gm is None and frontend == "export":
+        raise TraceError("frontend=export does not take leaf_modules; use frontend=fx")
+    if gm is None and frontend == "auto" and not strict:
+        try:
+            gm, user_leaves, auto = _trace_fx(model, root, leaves, bound, order, strict=False)
+            served = "fx"
+        except TraceError as e:
+            failures.append(f"fx with automatic leaves: {e}")
+    if gm is None:
+        if len(failures) == 1 and fx_error is not None:
+            raise fx_error
+        raise TraceError(
+            "neither front end can capture the model: "
+            + " | ".join(failures)
+            + "; try leaf_modules=[...] for the failing submodule (CLI: --leaf PATH)",
+            module_path=fx_error.module_path if fx_error else None,
+            source=fx_error.source if fx_error else None,
+        )
+    _annotate(gm, user_leaves)
+    gm.meta[TRACE_META] = {
+        "frontend": served,
+        "inputs": [name for name, _ in tensors],
+        "outputs": out_names,
+        "fallbacks": failures,
+        "bound": {k: repr(v) for k, v in bound.items()},
+        "auto_leaves": auto,
+    }
+    graph = Graph(gm, tuple(t for _, t in tensors))
+    graph.propagate_shapes()
+    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return graph
+
+
+def _trace_fx(
+    model: torch.nn.Module,
+    root: torch.nn.Module,
+    leaves: list[LeafSpec],
+    bound: dict[str, Any],
+    order: list[str],
+    strict: bool,
+) -> tuple[fx.GraphModule, set[str], list[dict[str, str]]]:
+    """fx symbolic tracing, making failing submodules leaves unless ``strict``."""
+    leaves = list(leaves)
     auto: list[dict[str, str]] = []
     while True:
         tracer = _Tracer(leaves)
@@ -274,21 +348,10 @@ def trace(
             auto.append({"module": path, "reason": reason, "source": error.source or ""})
             log.info("trace: %s made a leaf (%s)", path, reason)
             leaves.append(path)
-
     gm = fx.GraphModule(root, fx_graph, class_name=type(model).__name__)
     if bound:
         _drop_bound_placeholders(gm, order, bound)
-    _annotate(gm, tracer.user_leaves)
-    gm.meta[TRACE_META] = {
-        "frontend": "fx",
-        "inputs": [name for name, _ in tensors],
-        "bound": {k: repr(v) for k, v in bound.items()},
-        "auto_leaves": auto,
-    }
-    graph = Graph(gm, tuple(t for _, t in tensors))
-    graph.propagate_shapes()
-    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
-    return graph
+    return gm, tracer.user_leaves, auto
 
 
 def _trace_error(model: torch.nn.Module, e: BaseException, path: str | None) -> TraceError:

@@ -6,7 +6,11 @@
 * ``torchvision:NAME``: a torchvision model with random weights (nothing is downloaded);
 * ``pkg.module:factory``: an importable callable returning an ``nn.Module``;
 * ``path/to/file.py:factory``: the same, from a Python file;
-* ``path/to/model.pt``: a whole ``nn.Module`` saved with ``torch.save(model, path)``.
+* ``path/to/model.pt``: a whole ``nn.Module`` saved with ``torch.save(model, path)``;
+* ``hf:PATH``: a Hugging Face transformers model saved with ``save_pretrained`` in the local
+  folder ``PATH`` (config + safetensors; nothing is downloaded). Its example input is what the
+  config says it reads: token ids ``(1, 32)`` for text models, ``pixel_values`` for vision
+  models, ``input_values`` for audio ones (``--input-shape`` changes the shape).
 
 Every failure raises :class:`~graphopt.errors.ModelSpecError` with one line saying what is
 wrong and what to do.
@@ -33,7 +37,9 @@ from graphopt.errors import DataError, ModelSpecError
 log = logging.getLogger(__name__)
 
 DEFAULT_SHAPE = (1, 3, 224, 224)
-SPEC_FORMS = "digits:vgg, torchvision:NAME, pkg.module:factory, path/file.py:factory, path/model.pt"
+SPEC_FORMS = (
+    "digits:vgg, torchvision:NAME, hf:PATH, pkg.module:factory, path/file.py:factory, path/model.pt"
+)
 _TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299)}
 _VIDEO_SHAPE = (1, 3, 16, 112, 112)
 _MODULE_FILE_SUFFIXES = (".pt", ".pth")
@@ -53,9 +59,14 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def example_inputs(shape: Sequence[int], seed: int = 0) -> tuple[torch.Tensor]:
-    """One random input of ``shape`` from a fixed seed."""
+def example_inputs(
+    shape: Sequence[int], seed: int = 0, token_ids: int | None = None
+) -> tuple[torch.Tensor]:
+    """One random input of ``shape`` from a fixed seed: normal floats, or token ids in
+    ``[0, token_ids)`` when that is given."""
     gen = torch.Generator().manual_seed(seed)
+    if token_ids is not None:
+        return (torch.randint(0, token_ids, tuple(shape), generator=gen),)
     return (torch.randn(*shape, generator=gen),)
 
 
@@ -67,10 +78,15 @@ def load_model(
     ``input_shape`` overrides the spec's default input shape. ``progress`` wraps training
     loops (only ``digits:vgg`` trains, on first use).
     """
-    model, shape = _resolve(spec, progress)
+    spec = spec.strip()
+    vocab = None
+    if spec.startswith("hf:"):
+        model, shape, vocab = _hugging_face(Path(spec.split(":", 1)[1]))
+    else:
+        model, shape = _resolve(spec, progress)
     if input_shape is not None:
         shape = parse_shape(input_shape)
-    return model.eval(), example_inputs(shape)
+    return model.eval(), example_inputs(shape, token_ids=vocab)
 
 
 def _resolve(spec: str, progress: Callable | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -122,6 +138,41 @@ def _torchvision(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     except Exception as e:
         raise ModelSpecError(f"torchvision:{name} failed to build: {type(e).__name__}: {e}") from e
     return model, shape
+
+
+def _hugging_face(path: Path) -> tuple[nn.Module, tuple[int, ...], int | None]:
+    """``AutoModel.from_pretrained(path)`` from a local folder, offline; its input shape; and
+    the vocabulary size when it reads token ids."""
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(
+            f"hf:{path} is not a saved transformers model: no config.json there (save one with "
+            "model.save_pretrained(PATH))"
+        )
+    try:
+        import transformers
+    except ImportError:
+        raise ModelSpecError("hf:PATH needs transformers: pip install transformers") from None
+    try:
+        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ModelSpecError(
+            f"hf:{path} failed to load: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    cfg = model.config
+    if getattr(cfg, "use_cache", None):
+        cfg.use_cache = False  # a compressed model runs whole sequences: no key/value cache
+    name = model.main_input_name
+    if name == "input_ids":
+        return model, (1, 32), int(cfg.vocab_size)
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        return model, (1, int(getattr(cfg, "num_channels", 3)), size, size), None
+    if name == "input_values":
+        return model, (1, 16000), None
+    if name == "input_features":
+        return model, (1, int(getattr(cfg, "num_mel_bins", 80)), 3000), None
+    raise ModelSpecError(f"hf:{path}: graphopt does not know how to feed {name!r} inputs yet")
 
 
 def _saved_module(path: Path) -> nn.Module:

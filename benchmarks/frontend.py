@@ -109,14 +109,7 @@ def _models(only: set[str] | None, tmp: Path):
 
 def _inputs_for(name, model_or_spec):
     if isinstance(model_or_spec, str):
-        model, inputs = load_model(model_or_spec)
-        if model_or_spec.startswith("torchvision:") and name not in ("inception_v3",):
-            inputs = (
-                (torch.randn(1, *inputs[0].shape[1:-2], 64, 64),)
-                if inputs[0].dim() == 4
-                else inputs
-            )
-        return model, inputs
+        return load_model(model_or_spec)
     if name == "flags":
         return model_or_spec, torch.randn(1, 3, 16, 16)
     return model_or_spec, {"image": torch.randn(1, 8), "meta": torch.randn(1, 4)}

@@ -11,9 +11,10 @@ def builtin_passes() -> list[type]:
     from .dce import DeadCodeElimination
     from .distill import Distill
     from .fold_bn import FoldBatchNorm
+    from .fold_pad import FoldPad
     from .prune import Prune
     from .qdq import QDQ
     from .remove_identity import RemoveIdentity
     from .sparsify import Sparsify
 
-    return [FoldBatchNorm, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify, QDQ]
+    return [FoldBatchNorm, FoldPad, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify, QDQ]

@@ -71,3 +71,40 @@ def test_a_module_called_twice_is_not_a_unit():
     assert [u.op.name for u in p.units] == ["pre"]
     reasons = {f["node"]: f["reason"] for f in p.float_ops}
     assert reasons == {"conv": "conv module called at several places"}, reasons
+
+
+class SigmoidHead(nn.Module):
+    """A multi-label head: the logits go through a sigmoid to the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(torch.relu(self.body(x))))
+
+
+def test_logits_before_a_sigmoid_head_stay_float():
+    g, p = _plan(SigmoidHead(), torch.randn(2, 6))
+    assert [v.name for v in p.float_outputs] == ["head"]
+    assert "head" not in {v.name for v in p.own}  # no int8 step before the sigmoid
+    assert "sigmoid" not in {f["node"] for f in p.float_ops}  # nothing quantized around it
+
+
+def test_qdq_on_a_sigmoid_head_exports_float_logits(tmp_path):
+    import onnx
+
+    from graphopt.backends.onnxruntime import export
+
+    torch.manual_seed(0)
+    model = SigmoidHead().eval()
+    data = [torch.randn(32, 6) for _ in range(4)]
+    g = graphopt.trace(model, (data[0][:1],))
+    result = graphopt.Pipeline.parse("qdq").run(g, data=data)
+    proto = onnx.load(str(export(result.graph, tmp_path / "head.onnx")))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    (sig,) = [n for n in proto.graph.node if n.op_type == "Sigmoid"]
+    before = producer[sig.input[0]]
+    assert before.op_type != "DequantizeLinear", before.op_type  # no int8 step on the logits
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # the body is int8

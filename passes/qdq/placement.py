@@ -122,6 +122,11 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
 _CAT = {torch.cat, torch.concat}
+# monotone heads: a linear/matmul feeding only these (and then the model output) keeps float
+# logits (QGemm / MatMulIntegerToFloat write float), never a coarse int8 step before them
+_HEAD_FUNCS = {torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.log_softmax, torch.tanh}
+_HEAD_MODULES = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Tanh)
+_HEAD_METHODS = {"sigmoid", "softmax", "log_softmax", "tanh"}
 
 
 def _is_float_tensor(node: Any) -> bool:
@@ -249,6 +254,24 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
     return Kind("float", reason=node.op)
 
 
+def _is_head(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _HEAD_FUNCS
+    if node.op == "call_method":
+        return str(node.target) in _HEAD_METHODS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _HEAD_MODULES)
+    return False
+
+
+def feeds_only_outputs(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Every use of ``node`` is a model output, or a monotone head (sigmoid, softmax, tanh)
+    whose uses are model outputs in turn."""
+    return all(
+        u.op == "output" or (_is_head(u, gm) and feeds_only_outputs(u, gm)) for u in node.users
+    )
+
+
 def _unit_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
     if kind in ("conv", "linear", "avgpool"):
         return [node.args[0]]
@@ -323,12 +346,13 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
         for a in unit.inputs:
             needed.setdefault(a, None)
     for unit in result.units:
-        # a linear/matmul whose result is only a model output stays float: ORT's QGemm /
-        # MatMulIntegerToFloat take int8 inputs and write float, so the logits keep full precision
+        # a linear/matmul whose result is only a model output (perhaps through a sigmoid or
+        # softmax) stays float: ORT's QGemm / MatMulIntegerToFloat take int8 inputs and write
+        # float, so the logits keep full precision
         float_out = (
             unit.kind in ("linear", "matmul")
             and unit.act is None
-            and all(u.op == "output" for u in unit.out.users)
+            and feeds_only_outputs(unit.out, gm)
             and unit.out not in needed
         )
         if float_out:

@@ -257,6 +257,8 @@ class Pipeline:
         if batch is not None:
             ref_inputs = tuple(t[:64] for t in batch)
         original_out = _forward(graph, ref_inputs) if verify else None
+        if verify and not _all_finite(original_out):
+            raise DataError(_nonfinite_message(graph, ref_inputs))
         prev_out = original_out
         reports: list[PassReport] = []
         t_start = time.perf_counter()
@@ -385,6 +387,41 @@ def _record(graph: Graph, inputs) -> dict[str, Any]:
         torch.manual_seed(0)
         rec.run(*inputs)
     return rec.values
+
+
+def _all_finite(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return not out.is_floating_point() or bool(torch.isfinite(out).all())
+    if isinstance(out, (list, tuple)):
+        return all(_all_finite(o) for o in out)
+    if isinstance(out, dict):
+        return all(_all_finite(o) for o in out.values())
+    return True
+
+
+def _nonfinite_message(graph: Graph, inputs) -> str:
+    """Which node of the model as given first computes NaN/Inf, before any pass ran."""
+    values = _record(graph, inputs)
+    if not all(_all_finite(t) for t in inputs):
+        return "the verification batch holds NaN/Inf: clean the data before compressing"
+    for n in graph.module.graph.nodes:
+        v = values.get(n.name)
+        if v is not None and not _all_finite(v):
+            meta = node_meta(n)
+            where = f" (module {meta.module_path!r})" if meta.module_path else ""
+            params = ""
+            if n.op == "call_module":
+                bad = [
+                    k
+                    for k, p in graph.module.get_submodule(str(n.target)).named_parameters()
+                    if not bool(torch.isfinite(p).all())
+                ]
+                params = f"; its parameters {', '.join(bad)} hold NaN/Inf" if bad else ""
+            return (
+                f"the model as given computes NaN/Inf before any pass ran: first at node "
+                f"{n.name!r}{where}{params}; fix the model or its weights"
+            )
+    return "the model as given computes NaN/Inf before any pass ran"
 
 
 def first_divergence(

@@ -437,3 +437,17 @@ def test_run_nested_needs_the_manager():
 
     with pytest.raises(RuntimeError, match="only the pass manager"):
         PassContext().run_nested("dce", None)
+
+
+def test_a_model_that_computes_nan_is_blamed_before_any_pass():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)
+    ).eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    g = graphopt.trace(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(graphopt.DataError) as info:
+        graphopt.Pipeline.parse("fold-bn").run(g)
+    msg = str(info.value)
+    assert "before any pass ran" in msg and "'3'" in msg and "weight" in msg
+    assert "fold-bn" not in msg  # not blamed on the pass

@@ -6,12 +6,39 @@ tensors, or an ``(inputs, labels)`` pair whose labels are a 1-D integer tensor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def prepare(data: Any) -> Any:
+    """``data`` ready to be read several times: a one-shot iterator (a generator) is read into a
+    list once; no batches, or a batch with no samples, is a :class:`DataError`."""
+    if data is None:
+        return None
+    try:
+        it = iter(data)
+    except TypeError:
+        raise DataError(f"data must be re-iterable batches, got {type(data).__name__}") from None
+    if it is data:
+        data = list(it)
+        log.info("data: read %d batches from a one-shot iterator into memory", len(data))
+    count = 0
+    for i, (inputs, _) in enumerate(iter_batches(data)):
+        if any(t.dim() and t.shape[0] == 0 for t in inputs):
+            raise DataError(f"data: batch {i} holds no samples (its first dimension is 0)")
+        count += 1
+        if count >= 2 and not isinstance(data, (list, tuple)):
+            break  # a DataLoader: checked the first batches without reading it all
+    if count == 0:
+        raise DataError("data holds no batches: give at least one batch of inputs")
+    return data
 
 
 def split_batch(item: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .atomic import write_text
-from .data import first_batch
+from .data import first_batch, prepare
 from .errors import (
     DataError,
     GraphoptError,
@@ -215,6 +215,7 @@ class Pipeline:
                 f"Pipeline.run expects a graphopt.Graph, got {type(graph).__name__}; "
                 "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
             )
+        data = prepare(data)
         for spec in self.specs:
             if spec.uses_data() and data is None:
                 raise DataError(

@@ -451,3 +451,15 @@ def test_a_model_that_computes_nan_is_blamed_before_any_pass():
     msg = str(info.value)
     assert "before any pass ran" in msg and "'3'" in msg and "weight" in msg
     assert "fold-bn" not in msg  # not blamed on the pass
+
+
+def test_data_as_a_generator_is_read_once_and_empty_data_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    g = graphopt.trace(model, torch.randn(1, 3, 8, 8))
+    gen = (torch.randn(4, 3, 8, 8) for _ in range(3))
+    result = graphopt.Pipeline.parse("qdq(batches=3)").run(g, data=gen)
+    assert result.reports[0].details["calibration"]["batches"] == 3
+    for bad, match in (([], "no batches"), ([torch.randn(0, 3, 8, 8)], "batch 0 holds no samples")):
+        g = graphopt.trace(model, torch.randn(1, 3, 8, 8))
+        with pytest.raises(graphopt.DataError, match=match):
+            graphopt.Pipeline.parse("prune(ratio=0.5,importance=taylor)").run(g, data=bad)

@@ -369,7 +369,7 @@ def test_no_data_names_what_to_pass(registry):
 
 def test_empty_data_is_an_error(registry):
     graph = graphopt.trace(Tiny().eval(), (torch.randn(1, 3, 8, 8),))
-    with pytest.raises(PassFailure, match="empty calibration set"):
+    with pytest.raises(DataError, match="no batches"):  # refused before any pass runs
         Pipeline.parse("qdq", registry=registry).run(graph, data=[])
 
 
@@ -385,13 +385,18 @@ def test_nan_in_calibration_names_the_node(registry):
 
     graph = graphopt.trace(Log().eval(), (torch.randn(1, 3, 6, 6),))
     pipe = Pipeline.parse("qdq", registry=registry)
-    # log of negative conv outputs: the first quantized value to see NaN is fc's input
-    with pytest.raises(PassFailure, match=r"calibration saw NaN values at node 'mean'"):
+    # log of negative conv outputs: the manager's check of the model as given names 'log'
+    with pytest.raises(DataError, match=r"before any pass ran: first at node 'log'"):
         pipe.run(graph, data=[torch.randn(4, 3, 6, 6)])
+    # without it, calibration names the first quantized value to see NaN: fc's input
+    with pytest.raises(PassFailure, match=r"calibration saw NaN values at node 'mean'"):
+        pipe.run(graph, data=[torch.randn(4, 3, 6, 6)], verify=False)
     bad = torch.randn(4, 3, 6, 6)
     bad[0, 0, 0, 0] = float("inf")
-    with pytest.raises(PassFailure, match=r"inf values at node 'x'"):
+    with pytest.raises(DataError, match=r"verification batch holds NaN/Inf"):
         pipe.run(graph, data=[bad])
+    with pytest.raises(PassFailure, match=r"inf values at node 'x'"):
+        pipe.run(graph, data=[bad], verify=False)
     # the failed pass leaves no observers behind in the graph it was given
     assert not any("observer" in n.name for n in graph.nodes)
 

@@ -4,6 +4,7 @@ and ``on_failure``. Shipped: timing, printing the graph after named passes, numb
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,16 +67,22 @@ def graph_text(graph: Graph) -> str:
 class PrintAfter(Instrument):
     """Emit the graph text after every pass whose name is in ``names`` ("all" for every pass).
 
-    ``sink`` receives the text; by default it is logged at INFO level.
+    ``sink`` receives the text; by default it is written to standard error (the caller asked
+    to see it, so it must not depend on logging being configured).
     """
 
     def __init__(self, names: Iterable[str], sink: Callable[[str], None] | None = None):
         self.names = set(names)
-        self.sink = sink or (lambda s: log.info("%s", s))
+        self.sink = sink or _to_stderr
 
     def after_pass(self, p, graph, report):
         if "all" in self.names or p.name in self.names:
             self.sink(f"// graph after {report.index:02d}-{p.name}\n{graph_text(graph)}")
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.flush()
 
 
 class DumpDir(Instrument):

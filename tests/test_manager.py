@@ -463,3 +463,12 @@ def test_data_as_a_generator_is_read_once_and_empty_data_is_refused():
         g = graphopt.trace(model, torch.randn(1, 3, 8, 8))
         with pytest.raises(graphopt.DataError, match=match):
             graphopt.Pipeline.parse("prune(ratio=0.5,importance=taylor)").run(g, data=bad)
+
+
+def test_print_after_writes_without_logging_configured(capsys):
+    graph = graphopt.trace(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), torch.randn(1, 3, 8, 8)
+    )
+    Pipeline.parse("fold-bn").run(graph, instruments=[PrintAfter(["fold-bn"])])
+    err = capsys.readouterr().err
+    assert "// graph after 01-fold-bn" in err and "call_module[0]" in err

@@ -1,8 +1,14 @@
 """Cost analysis: parameters, multiply-accumulates and bytes, in total and per layer.
 
 MACs come from PyTorch's own ``FlopCounterMode`` (one forward on the example inputs, counting
-aten convolutions, matmuls and attention): ``MACs = FLOPs / 2``. Bytes are the storage of
-parameters and buffers. Registered as the ``"cost"`` analysis, so it is cached on the Graph.
+aten convolutions, matmuls and attention): ``MACs = FLOPs / 2``; the fused fast path of
+``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` is switched off while counting so
+their matmuls are seen. Layers the counter cannot see are added from their shapes:
+recurrent layers (per step and layer, ``g (I·H + H·H)`` with ``g`` = 4 for LSTM, 3 for GRU,
+1 for RNN, per direction) and dynamically quantized linears (``tokens · in · out``). Bytes are
+the storage of parameters and buffers; params count parameters, quantized weights and the
+float biases quantized layers keep as buffers. The same model serves float, quantized and
+sparse graphs (sparse storage is the C backend's report).
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ def _storage(module: torch.nn.Module, recurse: bool) -> tuple[int, int]:
     params += sum(
         b.numel()
         for name, b in module.named_buffers(recurse=recurse)
-        if b.dtype in _QUANTIZED_STORAGE and "zero_point" not in name
+        if (b.dtype in _QUANTIZED_STORAGE and "zero_point" not in name)
+        or (name == "bias" or name.endswith(".bias"))  # a quantized layer's float bias
     )
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
     nbytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=recurse))
@@ -78,15 +85,75 @@ def module_macs(
     module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
 ) -> tuple[int, dict[str, int]]:
     """Total MACs of one forward and MACs per module path."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*inputs)
+    unseen: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(_shape_macs(path, unseen))
+        for path, m in module.named_modules()
+        if isinstance(m, (*_SHAPE_COUNTED, _dynamic_linear_type()))
+    ]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for h in hooks:
+            h.remove()
     per_module: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
         if key == "Global":
             continue
         path = key.split(".", 1)[1] if "." in key else ""
         per_module[path] = sum(ops.values()) // 2
-    return counter.get_total_flops() // 2, per_module
+    extra = 0
+    for path, macs in unseen.items():
+        if per_module.get(path, 0) == 0:
+            extra += macs
+            parts = path.split(".")
+            for i in range(len(parts) + 1):  # the layer and every module around it
+                key = ".".join(parts[:i])
+                per_module[key] = per_module.get(key, 0) + macs
+    return counter.get_total_flops() // 2 + extra, per_module
+
+
+_RNN_GATES = {torch.nn.LSTM: 4, torch.nn.GRU: 3, torch.nn.RNN: 1}
+
+
+def _dynamic_linear_type() -> type:
+    from .quant.dynamic import DynamicQuantLinear
+
+    return DynamicQuantLinear
+
+
+_SHAPE_COUNTED = (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN)
+
+
+def _shape_macs(path: str, out: dict[str, int]):
+    """A forward hook adding the MACs of a layer FlopCounterMode does not count."""
+
+    def hook(mod: torch.nn.Module, args: tuple, result: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            return
+        if isinstance(mod, tuple(_RNN_GATES)):
+            gates = _RNN_GATES[type(mod)] if type(mod) in _RNN_GATES else 1
+            steps = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+            dirs = 2 if mod.bidirectional else 1
+            h = mod.hidden_size
+            out_h = (mod.proj_size or h) if isinstance(mod, torch.nn.LSTM) else h
+            total, width = 0, mod.input_size
+            for _ in range(mod.num_layers):
+                total += dirs * steps * gates * (width * h + out_h * h)
+                if isinstance(mod, torch.nn.LSTM) and mod.proj_size:
+                    total += dirs * steps * h * mod.proj_size
+                width = out_h * dirs
+            out[path] = out.get(path, 0) + int(total)
+        elif isinstance(mod, _dynamic_linear_type()):
+            tokens = x.numel() // x.shape[-1]
+            out[path] = out.get(path, 0) + tokens * mod.in_features * mod.out_features
+
+    return hook
 
 
 def cost_of(graph: Graph) -> Cost:

@@ -34,6 +34,7 @@ OLD_NAMES = {
     "graphopt.cli": "graphopt.app.cli",
     "graphopt.demo": "graphopt.app.demo",
     "graphopt.sweep": "graphopt.app.sweep",
+    "graphopt.sparsity": "graphopt.masks",
 }
 
 

@@ -6,7 +6,7 @@ One shot: zero every weight with ``|w| < threshold`` (the seed's example, 1e-3),
 together, scored by their L2 norm. ``schedule=polynomial`` instead stores a schedule that the
 next training pass (``distill``) follows, raising sparsity to ``s`` over its epochs as
 ``s_t = s·(1 - (1 - t/T)³)``. Either way the masks stay on the Graph and training keeps
-masked weights exactly zero (:mod:`graphopt.sparsity`).
+masked weights exactly zero (:mod:`graphopt.masks`).
 
 The first convolution and the last linear layer (the classifier) stay dense by default
 (``keep-ends=false`` to include them); ``skip`` adds module-path globs. The report gives the
@@ -25,9 +25,7 @@ from torch import nn
 
 from graphopt.errors import OptionError
 from graphopt.graph import Graph
-from graphopt.optypes import WEIGHTED
-from graphopt.pass_api import Pass, PassContext, PassResult
-from graphopt.sparsity import (
+from graphopt.masks import (
     Schedule,
     magnitude_masks,
     masks_of,
@@ -36,6 +34,8 @@ from graphopt.sparsity import (
     storage_bytes,
     summary,
 )
+from graphopt.optypes import WEIGHTED
+from graphopt.pass_api import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The sparsify pass and its masks (graphopt.sparsity)."""
+"""The sparsify pass and its masks (graphopt.masks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import OptionError, PassFailure
-from graphopt.sparsity import (
+from graphopt.masks import (
     MASKS_KEY,
     Schedule,
     SparsityError,

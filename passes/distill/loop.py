@@ -32,6 +32,14 @@ from torch import nn
 from graphopt import distributed
 from graphopt.errors import DataError, DistillError, OptionError
 from graphopt.graph import Graph
+from graphopt.masks import (
+    apply_masks,
+    magnitude_masks,
+    masks_of,
+    schedule_of,
+    set_masks,
+    set_schedule,
+)
 from graphopt.passes.distill.batches import Batches
 from graphopt.passes.distill.checkpoint import CHECKPOINT, EpochStats, resume, save_checkpoint
 from graphopt.passes.distill.features import (
@@ -42,14 +50,6 @@ from graphopt.passes.distill.features import (
     tapped_module,
 )
 from graphopt.passes.distill.losses import NEEDS_ADAPTER, get_loss, kd_loss
-from graphopt.sparsity import (
-    apply_masks,
-    magnitude_masks,
-    masks_of,
-    schedule_of,
-    set_masks,
-    set_schedule,
-)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Unstructured weight sparsity: magnitude masks that live on the Graph and survive training.
+"""Weight masks for unstructured sparsity: chosen by magnitude (the ``sparsify`` pass), kept on
+the Graph, re-applied by training loops (``distill``).
 
 Masks are kept in ``graph.module.meta["graphopt.masks"]`` as ``{parameter name: bool tensor}``
 (``True`` = kept), so they travel with ``Graph.copy()`` and ``torch.save`` of the module and

@@ -139,3 +139,29 @@ def test_a_model_no_front_end_captures_names_both_failures():
 def test_unknown_frontend_is_refused():
     with pytest.raises(graphopt.TraceError, match="unknown frontend"):
         graphopt.trace(DataBranch(), torch.randn(2, 4), frontend="onnx")
+
+
+def test_the_c_backend_reads_export_traced_graphs_or_refuses_by_name(hf_model, tmp_path):
+    from graphopt.backends.c import UnsupportedError, build
+
+    name, model, inputs = hf_model
+    if name != "bert":
+        pytest.skip("one transformer is enough here")
+    g = graphopt.trace(model, inputs)
+    path = export(g, tmp_path / "bert.onnx", dynamic_batch=False)
+    with pytest.raises(UnsupportedError, match=r"unsupported ops: .*LayerNormalization \(node_"):
+        build(path)
+
+
+def test_the_c_backend_compiles_an_export_traced_cnn(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from graphopt.backends.c import build
+
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = graphopt.trace(model, x, frontend="export")
+    graphopt.Pipeline.parse("fold-bn,prune(ratio=0.3)").run(g)
+    cm = build(export(g, tmp_path / "mv2.onnx", dynamic_batch=False))
+    got = cm.run(x.numpy())[0]
+    want = g.module(x).detach().numpy()
+    assert abs(got - want).max() <= 1e-4 * abs(want).max()

@@ -39,6 +39,7 @@ from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.optypes import call_sites
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.passes.qdq.batchnorm import rewrite_batchnorms
 from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
 from graphopt.passes.qdq.rewrite import (
@@ -101,6 +102,13 @@ class QDQOptions:
         metadata={"help": "cross-layer equalization of conv/linear pairs before calibration"},
     )
     learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
+    batchnorm: Literal["conv", "float"] = field(
+        default="conv",
+        metadata={
+            "help": "BatchNorms left after fold-bn: conv runs each as an int8 depthwise 1x1 "
+            "conv (exact rewrite); float leaves it in float between quantized values"
+        },
+    )
     target: Literal["auto", "vnni", "avx2", "arm"] = field(
         default="auto",
         metadata={
@@ -231,6 +239,11 @@ class QDQ(Pass):
 
         graph.propagate_shapes()
         equalized = equalize(gm) if opts.equalize else None
+        bn_convs = (
+            rewrite_batchnorms(gm, lambda n: matches(opts.skip, n) is not None)
+            if opts.batchnorm == "conv"
+            else []
+        )
         the_plan = plan(gm, opts.skip)
         if not the_plan.units:
             return PassResult(
@@ -279,6 +292,8 @@ class QDQ(Pass):
             "skipped": the_plan.skipped,
             "target": _target_report(opts.target),
         }
+        if bn_convs:
+            report["batchnorm_as_conv"] = bn_convs
         if equalized is not None:
             report["equalize"] = equalized
         if corrections:

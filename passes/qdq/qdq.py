@@ -57,6 +57,7 @@ from graphopt.passes.qdq.rewrite import (
     to_integer,
     unit_report,
 )
+from graphopt.passes.qdq.smooth import smooth
 from graphopt.quant.dynamic import DynamicQuantLinear
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ class QDQOptions:
         metadata={"help": "cross-layer equalization of conv/linear pairs before calibration"},
     )
     learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
+    smooth: float = field(
+        default=0.0,
+        metadata={
+            "help": "SmoothQuant alpha in (0, 1]: move activation outliers of LayerNorm -> "
+            "Linear groups into the weights before int8 (0: off; 0.5 is typical)"
+        },
+    )
     batchnorm: Literal["conv", "float"] = field(
         default="conv",
         metadata={
@@ -124,6 +132,10 @@ class QDQOptions:
             raise ValueError(f"batches must be at least 1, got {self.batches}")
         if self.learn_scales and self.mode != "qat":
             raise ValueError("learn-scales=true needs mode=qat (scales are learned in training)")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"smooth must be in [0, 1] (0: off), got {self.smooth}")
+        if self.smooth and self.mode == "convert":
+            raise ValueError("smooth applies when quantizing (mode=ptq or qat), not at convert")
         if self.activations == "dynamic" and self.mode != "ptq":
             raise ValueError("activations=dynamic has nothing to train: use mode=ptq")
         parse_overrides(self.override)
@@ -194,7 +206,9 @@ class QDQ(Pass):
     def uses_data(cls, options: QDQOptions) -> bool:
         """Calibration needs data; freezing a QAT graph (``mode=convert``) and dynamic
         quantization do not."""
-        return options.mode != "convert" and options.activations != "dynamic"
+        return options.mode != "convert" and (
+            options.activations != "dynamic" or options.smooth > 0
+        )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: QDQOptions = self.options
@@ -239,6 +253,7 @@ class QDQ(Pass):
 
         graph.propagate_shapes()
         equalized = equalize(gm) if opts.equalize else None
+        smoothed = self._smooth(gm, batches)
         bn_convs = (
             rewrite_batchnorms(gm, lambda n: matches(opts.skip, n) is not None)
             if opts.batchnorm == "conv"
@@ -294,6 +309,8 @@ class QDQ(Pass):
         }
         if bn_convs:
             report["batchnorm_as_conv"] = bn_convs
+        if smoothed:
+            report["smooth"] = smoothed
         if equalized is not None:
             report["equalize"] = equalized
         if corrections:
@@ -320,11 +337,20 @@ class QDQ(Pass):
             log.info("qdq: %s (%s) stays float: %s", f["node"], f["op"], f["reason"])
         return PassResult(True, report)
 
+    def _smooth(self, gm: fx.GraphModule, batches) -> list[dict[str, Any]]:
+        opts: QDQOptions = self.options
+        if not opts.smooth:
+            return []
+        return smooth(gm, batches, opts.smooth, lambda n: matches(opts.skip, n) is not None)
+
     def _dynamic(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Every Linear (not skipped, called once) becomes a :class:`DynamicQuantLinear`."""
         opts: QDQOptions = self.options
         gm = graph.module
         reference = graph.copy()
+        smoothed = []
+        if opts.smooth:
+            smoothed = self._smooth(gm, calibration_batches(ctx.batches(), opts.batches))
         sites = call_sites(gm)
         done, skipped = [], []
         for n in gm.graph.nodes:
@@ -363,6 +389,7 @@ class QDQ(Pass):
                 "layers": layers,
                 "skipped": skipped,
                 "target": _target_report(opts.target),
+                **({"smooth": smoothed} if smoothed else {}),
             },
         )
 

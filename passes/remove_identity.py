@@ -15,6 +15,7 @@ The report lists ``removed`` (module paths for modules, node names for functions
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -46,12 +47,14 @@ _FUNCTIONAL: dict[Any, tuple[int, float, int, bool]] = {
 }
 _KW_NAMES = {torch.dropout: ("p", "train")}
 
-try:  # torchvision is optional
-    from torchvision.ops import stochastic_depth as _stochastic_depth
 
-    _FUNCTIONAL[_stochastic_depth] = (1, 0.0, 3, True)
-except ImportError:  # pragma: no cover
-    pass
+
+def _functional() -> dict[Any, tuple[int, float, int, bool]]:
+    """The table, with torchvision's ``stochastic_depth`` when torchvision is loaded (a model
+    that calls it has imported it; graphopt does not pay torchvision's import otherwise)."""
+    ops = sys.modules.get("torchvision.ops")
+    fn = getattr(ops, "stochastic_depth", None) if ops is not None else None
+    return {**_FUNCTIONAL, fn: (1, 0.0, 3, True)} if fn is not None else _FUNCTIONAL
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -62,7 +65,7 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
 
 def _functional_verdict(node: fx.Node) -> str | None:
     """``None`` when the functional dropout ``node`` is a no-op, else why it is kept."""
-    p_i, p_def, t_i, t_def = _FUNCTIONAL[node.target]
+    p_i, p_def, t_i, t_def = _functional()[node.target]
     p_name, t_name = _KW_NAMES.get(node.target, ("p", "training"))
     p = _arg(node, p_i, p_name, p_def)
     training = _arg(node, t_i, t_name, t_def)
@@ -86,6 +89,7 @@ class RemoveIdentity(Pass):
         gm = graph.module
         removed: list[str] = []
         kept: list[dict[str, str]] = []
+        functional = _functional()
         for node in list(gm.graph.nodes):
             why_kept: str | None = None
             noop = False
@@ -100,7 +104,7 @@ class RemoveIdentity(Pass):
                         why_kept = f"{type(mod).__name__}(p={mod.p}) is in training mode"
                 if noop and node_meta(node).leaf:
                     noop, why_kept = False, "is a leaf module"
-            elif node.op == "call_function" and node.target in _FUNCTIONAL:
+            elif node.op == "call_function" and node.target in functional:
                 why_kept = _functional_verdict(node)
                 noop = why_kept is None
             if noop and (not node.args or not isinstance(node.args[0], fx.Node)):

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 
 from graphopt.graph import Graph
+from graphopt.options import build_options
+from graphopt.pass_api import PassContext
 from graphopt.passes.qdq.placement import plan
+from graphopt.pipeline_text import parse_items
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ def quant_sensitivity(
     """``[{"layer", "kind", "sqnr_db"}]`` sorted from most to least sensitive. ``options`` are
     extra ``qdq`` options (``"weights=per-tensor"``); ``data`` feeds calibration and the
     measurement (its first batch)."""
-    from graphopt.manager import Pipeline
+    from graphopt.passes.qdq.qdq import QDQ
 
     graph.propagate_shapes()
     units = plan(graph.module).units
@@ -56,7 +59,8 @@ def quant_sensitivity(
         skip = "[" + ",".join(others) + "]" if others else "[]"
         opts = ",".join(x for x in (options, f"skip={skip}") if x)
         trial = graph.copy()
-        Pipeline.parse(f"qdq({opts})").run(trial, data=data, verify=False, record=False)
+        (item,) = parse_items(f"qdq({opts})")
+        QDQ(build_options("qdq", QDQ.Options, item.options)).run(trial, PassContext(data=data))
         with torch.no_grad():
             noise = (ref - _flat(trial.module(*batch))).pow(2).sum().item()
         signal = ref.pow(2).sum().item()

@@ -39,6 +39,7 @@ from graphopt.errors import DataError
 from graphopt.graph import Graph
 from graphopt.optypes import call_sites
 from graphopt.pass_api import Pass, PassContext, PassResult
+from graphopt.passes.qdq.adaround import adaround
 from graphopt.passes.qdq.batchnorm import rewrite_batchnorms
 from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
@@ -103,6 +104,16 @@ class QDQOptions:
         metadata={"help": "cross-layer equalization of conv/linear pairs before calibration"},
     )
     learn_scales: bool = field(default=False, metadata={"help": "mode=qat: learnable (LSQ) scales"})
+    rounding: Literal["nearest", "adaround"] = field(
+        default="nearest",
+        metadata={
+            "help": "weight rounding: nearest, or adaround (learned per weight to minimise "
+            "each layer's output error on the calibration data; slower)"
+        },
+    )
+    rounding_iters: int = field(
+        default=1000, metadata={"help": "optimisation steps per layer for rounding=adaround"}
+    )
     smooth: float = field(
         default=0.0,
         metadata={
@@ -132,6 +143,10 @@ class QDQOptions:
             raise ValueError(f"batches must be at least 1, got {self.batches}")
         if self.learn_scales and self.mode != "qat":
             raise ValueError("learn-scales=true needs mode=qat (scales are learned in training)")
+        if self.rounding_iters < 1:
+            raise ValueError(f"rounding-iters must be at least 1, got {self.rounding_iters}")
+        if self.rounding == "adaround" and (self.mode != "ptq" or self.activations == "dynamic"):
+            raise ValueError("rounding=adaround applies to static PTQ (mode=ptq, not dynamic)")
         if not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"smooth must be in [0, 1] (0: off), got {self.smooth}")
         if self.smooth and self.mode == "convert":
@@ -291,6 +306,11 @@ class QDQ(Pass):
             learnable=opts.learn_scales and opts.mode == "qat",
             weight_qmax=weight_qmax(opts.target),
         )
+        rounded = (
+            adaround(gm, batches, opts.rounding_iters, ctx.progress)
+            if opts.rounding == "adaround"
+            else {}
+        )
         corrections = bias_correction(gm, batches, ctx.progress) if opts.bias_correction else {}
         counts: dict[str, int] = {}
         for u in the_plan.units:
@@ -311,6 +331,8 @@ class QDQ(Pass):
             report["batchnorm_as_conv"] = bn_convs
         if smoothed:
             report["smooth"] = smoothed
+        if rounded:
+            report["adaround_error_removed"] = rounded
         if equalized is not None:
             report["equalize"] = equalized
         if corrections:

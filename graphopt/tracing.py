@@ -312,7 +312,8 @@ def trace(
     gm.meta[TRACE_META] = {
         "frontend": served,
         "inputs": [name for name, _ in tensors],
-        "outputs": out_names,
+        "named_inputs": bool(kwargs),
+        "outputs": out_names or _dict_output_names(gm),
         "fallbacks": failures,
         "bound": {k: repr(v) for k, v in bound.items()},
         "auto_leaves": auto,
@@ -352,6 +353,14 @@ def _trace_fx(
     if bound:
         _drop_bound_placeholders(gm, order, bound)
     return gm, tracer.user_leaves, auto
+
+
+def _dict_output_names(gm: fx.GraphModule) -> list[str]:
+    """The keys of a dict the traced forward returns (``[]`` otherwise)."""
+    for node in gm.graph.nodes:
+        if node.op == "output" and isinstance(node.args[0], dict):
+            return [str(k) for k, v in node.args[0].items() if isinstance(v, fx.Node)]
+    return []
 
 
 def _trace_error(model: torch.nn.Module, e: BaseException, path: str | None) -> TraceError:

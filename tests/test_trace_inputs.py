@@ -94,3 +94,16 @@ def test_passes_and_onnx_run_on_a_graph_with_bound_inputs(tmp_path):
 def test_bad_inputs_are_named(inputs, match):
     with pytest.raises(graphopt.DataError, match=match):
         graphopt.trace(Flags().eval(), inputs)
+
+
+def test_onnx_names_inputs_and_outputs_after_the_model(tmp_path):
+    import onnx
+
+    model = Flags().eval()
+    g = graphopt.trace(model, {"x": torch.randn(2, 6), "mask": torch.ones(2, 8)})
+    proto = onnx.load(str(export(g, tmp_path / "named.onnx")))
+    assert [i.name for i in proto.graph.input] == ["x", "mask"]
+    assert [o.name for o in proto.graph.output] == ["logits", "hidden"]
+    positional = graphopt.trace(nn.Sequential(nn.Linear(6, 2)).eval(), torch.randn(1, 6))
+    proto = onnx.load(str(export(positional, tmp_path / "plain.onnx")))
+    assert [i.name for i in proto.graph.input] == ["input"]  # positional: the usual name

@@ -16,13 +16,15 @@ ratio (bisection) until the pruned cost is within 2% of ``F`` times the original
 
 The pass writes a pruning plan (``prune_plan.json`` in the run's output dir): for every
 member the indices removed along its dim. :func:`apply_plan` replays it on a fresh instance of
-the same architecture so a pruned checkpoint loads with ``load_state_dict``.
+the same architecture so a pruned checkpoint loads with ``load_state_dict``. The surgery (slicing
+parameters, fixing module attributes, rewriting shape constants, the plan format and its replay)
+lives in :mod:`graphopt.channels.surgery`; this pass reads the analysis' groups, members and
+lock reasons, scores and selects units and calls the surgery.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -31,16 +33,26 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.atomic import write_json
 from graphopt.channels import ChannelAnalysis
+from graphopt.channels.surgery import apply_plan, member_tensor, plan_document, remove_units
 from graphopt.errors import DataError, GraphoptError, OptionError
-from graphopt.graph import Graph, node_meta
-from graphopt.modules import SelfAttention
+from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.pipeline_text import parse_items
+
+__all__ = [
+    "Prune",
+    "PruneOptions",
+    "apply_plan",  # re-exported from graphopt.channels.surgery
+    "prune_once",
+    "remove_units",  # re-exported from graphopt.channels.surgery
+    "select_units",
+    "taylor_grads",
+    "unit_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +131,6 @@ def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[s
 
 
 # -- importance -------------------------------------------------------------------------------------
-def _member_tensor(gm: fx.GraphModule, owner: str, param: str) -> torch.Tensor:
-    mod = gm.get_submodule(owner) if owner else gm
-    return getattr(mod, param)
-
-
 def _slice_scores(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     """``Σ|x|^p`` over each slice of ``t`` along ``dim``."""
     x = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
@@ -148,7 +155,7 @@ def unit_scores(
                 continue
         elif m.kind not in ("out", "in"):
             continue
-        t = _member_tensor(gm, m.owner, m.param)
+        t = member_tensor(gm, m)
         if importance == "l1":
             s = _slice_scores(t, m.dim, 1)
         elif importance in ("l2", "bn-scale"):
@@ -160,7 +167,7 @@ def unit_scores(
             s = _slice_scores(t.detach() * g, m.dim, 1)
         else:  # pragma: no cover - validated by options
             raise ValueError(importance)
-        units = ca.labels[ca.spaces[m.space].base + m.index_map]
+        units = ca.units_of(m)
         per = np.bincount(units, weights=s, minlength=n)
         touched = np.bincount(units, minlength=n) > 0
         total += per
@@ -261,229 +268,6 @@ def select_units(
     return chosen
 
 
-# -- surgery ----------------------------------------------------------------------------------------
-def _set_tensor(mod: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(mod, name)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-    elif name in getattr(mod, "_buffers", {}):
-        mod._buffers[name] = value.contiguous()
-    else:
-        setattr(mod, name, value.contiguous())
-
-
-def fix_attributes(mod: nn.Module, depthwise: bool = False) -> None:
-    """Make a module's size attributes agree with its (sliced) parameters."""
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    convts = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    if isinstance(mod, convs):
-        out_g = mod.out_channels // mod.groups
-        mod.out_channels = mod.weight.shape[0]
-        if depthwise:
-            mod.groups = mod.out_channels // out_g
-        mod.in_channels = mod.weight.shape[1] * mod.groups
-    elif isinstance(mod, convts):
-        mod.in_channels = mod.weight.shape[0]
-        mod.out_channels = mod.weight.shape[1] * mod.groups
-    elif isinstance(mod, nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
-    elif isinstance(mod, nn.modules.batchnorm._NormBase):
-        ref = mod.weight if mod.weight is not None else mod.running_mean
-        if ref is not None:
-            mod.num_features = ref.shape[0]
-    elif isinstance(mod, nn.GroupNorm):
-        if mod.weight is not None:
-            mod.num_channels = mod.weight.shape[0]
-    elif isinstance(mod, nn.LayerNorm):
-        if mod.weight is not None:
-            mod.normalized_shape = (mod.weight.shape[0],)
-    elif isinstance(mod, nn.PReLU):
-        mod.num_parameters = mod.weight.shape[0]
-    elif isinstance(mod, nn.Embedding):
-        mod.embedding_dim = mod.weight.shape[1]
-
-
-def _is_depthwise(mod: nn.Module) -> bool:
-    return (
-        isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        and mod.groups > 1
-        and mod.in_channels == mod.groups
-    )
-
-
-def plan_members(ca: ChannelAnalysis, removed: np.ndarray) -> list[dict[str, Any]]:
-    """For each member touched by ``removed`` (bool per element): the indices to drop."""
-    out = []
-    seen: set[tuple[str, str, int]] = set()
-    for m in ca.members:
-        sp = ca.spaces[m.space]
-        drop = np.nonzero(removed[sp.base + m.index_map])[0]
-        key = (m.owner, m.param, m.dim)
-        if len(drop) == 0 or key in seen:
-            continue
-        seen.add(key)
-        out.append({"owner": m.owner, "param": m.param, "dim": m.dim, "removed": drop.tolist()})
-    return out
-
-
-def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
-    """Slice the listed parameters of ``root`` and fix the touched modules' attributes."""
-    depthwise = {}
-    attention: dict[str, int] = {}
-    for e in members:
-        mod = root.get_submodule(e["owner"]) if e["owner"] else root
-        depthwise.setdefault(e["owner"], _is_depthwise(mod))
-        if isinstance(mod, nn.MultiheadAttention):
-            attention[e["owner"]] = mod.head_dim
-    touched = []
-    for e in members:
-        mod = root.get_submodule(e["owner"]) if e["owner"] else root
-        t = getattr(mod, e["param"])
-        n = t.shape[e["dim"]]
-        keep = torch.tensor(sorted(set(range(n)) - set(e["removed"])), dtype=torch.long)
-        with torch.no_grad():
-            _set_tensor(mod, e["param"], t.detach().index_select(e["dim"], keep))
-        touched.append(e["owner"])
-    for owner in dict.fromkeys(touched):
-        mod = root.get_submodule(owner) if owner else root
-        fix_attributes(mod, depthwise.get(owner, False))
-    for owner, head_dim in attention.items():
-        _to_self_attention(root, owner, head_dim)
-    return list(dict.fromkeys(touched))
-
-
-def _to_self_attention(root: nn.Module, path: str, head_dim: int) -> None:
-    """Swap a sliced ``nn.MultiheadAttention`` for :class:`SelfAttention` (free widths)."""
-    mod = root.get_submodule(path)
-    if not isinstance(mod, nn.MultiheadAttention):
-        if isinstance(mod, SelfAttention):
-            mod.embed_in = mod.in_proj_weight.shape[1]
-            mod.embed_out = mod.out_proj.weight.shape[0]
-            mod.num_heads = mod.in_proj_weight.shape[0] // 3 // mod.head_dim
-        return
-    new = SelfAttention.from_mha(mod, head_dim)
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
-
-
-def _space_new_sizes(ca: ChannelAnalysis, removed: np.ndarray) -> dict[int, int]:
-    return {s.id: int(s.size - removed[s.base : s.base + s.size].sum()) for s in ca.spaces}
-
-
-def _new_shape(
-    ca: ChannelAnalysis, node_name: str, new_sizes: dict[int, int], out: int = 0
-) -> list[int]:
-    shape = []
-    for s in ca.layout.get((node_name, out), []):
-        if len(s.dims) == 1:
-            shape.append(new_sizes[s.id])
-        else:
-            outer = [sz for d, sz in zip(s.dims, s.sizes) if d != s.inner]
-            inner_new = new_sizes[s.id] // max(1, int(np.prod(outer)))
-            shape.extend(inner_new if d == s.inner else sz for d, sz in zip(s.dims, s.sizes))
-    return shape
-
-
-def rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray) -> None:
-    """Recompute constant shape arguments of reshape / layer_norm / split nodes."""
-    new_sizes = _space_new_sizes(ca, removed)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for rw in ca.rewrites:
-        node = nodes.get(rw.node)
-        if node is None:
-            continue
-        if rw.kind == "reshape":
-            shape = _new_shape(ca, node.name, new_sizes)
-            old = ca.layout_shape(node.name)
-            if shape == list(old):
-                continue
-            args = list(node.args)
-            vals = (
-                args[1:]
-                if not (len(args) == 2 and isinstance(args[1], (list, tuple)))
-                else list(args[1])
-            )
-            fixed = [
-                (shape[i] if isinstance(v, int) and v != -1 and i < len(shape) else v)
-                for i, v in enumerate(vals)
-            ]
-            if node.op == "call_method" and not (
-                len(args) == 2 and isinstance(args[1], (list, tuple))
-            ):
-                node.args = (args[0], *fixed)
-            else:
-                node.args = (
-                    args[0],
-                    type(args[1])(fixed) if isinstance(args[1], (list, tuple)) else fixed,
-                )
-        elif rw.kind == "layer_norm":
-            shape = _new_shape(ca, node.name, new_sizes)
-            args = list(node.args)
-            if len(args) > 1:
-                args[1] = (shape[-1],)
-                node.args = tuple(args)
-            else:
-                node.kwargs = {**node.kwargs, "normalized_shape": (shape[-1],)}
-        elif rw.kind == "slice":
-            sp = ca.spaces[rw.info["space"]]
-            gone = removed[sp.base : sp.base + sp.size]
-            start = rw.info["start"] - int(gone[: rw.info["start"]].sum())
-            kept = rw.info["n"] - int(
-                gone[rw.info["start"] : rw.info["start"] + rw.info["n"]].sum()
-            )
-            src, idx = node.args
-            items = list(idx) if isinstance(idx, tuple) else [idx]
-            items[rw.info["pos"]] = slice(start, start + kept)
-            node.args = (src, tuple(items) if isinstance(idx, tuple) else items[0])
-        elif rw.kind == "attention":
-            _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
-        elif rw.kind == "split":
-            dim = rw.info["dim"]
-            sizes = [
-                _new_shape(ca, node.name, new_sizes, k)[dim]
-                for k in range(len(node_meta(node).outputs))
-            ]
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_function(torch.split, (node.args[0], sizes), {"dim": dim})
-            new.meta = node.meta
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-
-
-def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[dict[str, Any]]:
-    """Physically remove the given units (component labels of ``ca``); returns the plan
-    entries (members and removed indices)."""
-    units = np.asarray(units, dtype=np.int64)
-    bad = units[~ca.unit_prunable[units]] if len(units) else units
-    if len(bad):
-        raise GraphoptError(f"prune: units {bad[:5].tolist()} are locked or produce nothing")
-    removed = np.isin(ca.labels, units)
-    members = plan_members(ca, removed)
-    apply_members(graph.module, members)
-    rewrite_nodes(ca, graph.module, removed)
-    graph.module.recompile()
-    graph.invalidate()
-    graph.propagate_shapes()
-    return members
-
-
-def zero_unit_inputs(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> None:
-    """Zero every consumer weight slice that reads the given units, so their channels no longer
-    influence anything: removing exactly those units must then leave the outputs unchanged
-    (for groups whose channels do not feed normalisation statistics)."""
-    removed = np.isin(ca.labels, np.asarray(units, dtype=np.int64))
-    for m in ca.members:
-        if m.kind != "in":
-            continue
-        sp = ca.spaces[m.space]
-        idx = np.nonzero(removed[sp.base + m.index_map])[0]
-        if len(idx):
-            t = _member_tensor(graph.module, m.owner, m.param)
-            with torch.no_grad():
-                t.index_fill_(m.dim, torch.as_tensor(idx, dtype=torch.long), 0.0)
-
-
 def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float) -> dict[str, Any]:
     """One round: analyse, score, select, slice. Returns a report fragment with the plan."""
     ca = ChannelAnalysis(graph)
@@ -581,14 +365,14 @@ class Prune(Pass):
             ratio, search = self._search(graph, ctx, opts)
         rounds = []
         between: list[dict[str, Any]] = []
-        plan: list[dict[str, Any]] = []
+        plan: list[list[dict[str, Any]]] = []
         kept = 1.0 - ratio
         for step in range(1, opts.steps + 1):
             # cumulative keep fraction kept**(step/steps); this round keeps the quotient
             r = 1.0 - kept ** (1.0 / opts.steps) if opts.steps > 1 else ratio
             rep = prune_once(graph, ctx, opts, r)
             rounds.append(rep)
-            plan.append({"round": step, "members": rep["plan"]})
+            plan.append(rep["plan"])
             if opts.between is not None and step < opts.steps:
                 between.append(_run_between(graph, ctx, opts.between, step))
         params1 = sum(p.numel() for p in graph.module.parameters())
@@ -611,7 +395,7 @@ class Prune(Pass):
             report["target_search"] = search
         if between:
             report["between"] = between
-        plan_doc = {"format": "graphopt-prune-plan", "version": 1, "rounds": plan}
+        plan_doc = plan_document(plan)
         report["plan"] = plan_doc
         if ctx.out_dir is not None:
             path = write_json(Path(ctx.out_dir) / "prune_plan.json", plan_doc)
@@ -652,27 +436,3 @@ class Prune(Pass):
                 hi = mid
             best = (mid, k)
         return best[0], {"target": opts.target, "ratio": best[0], "kept": best[1], "tried": tried}
-
-
-def apply_plan(model: nn.Module, plan: dict[str, Any] | str | Path) -> nn.Module:
-    """Replay a pruning plan on a fresh instance of the same architecture (in place).
-
-    After this, ``model.load_state_dict(pruned_state_dict)`` loads the pruned checkpoint.
-    Shape constants hard-coded in the model's Python ``forward`` are not rewritten (the traced
-    Graph rewrites them); plans for models whose forward computes shapes dynamically replay
-    exactly.
-    """
-    if isinstance(plan, (str, Path)):
-        plan = json.loads(Path(plan).read_text())
-    if plan.get("format") != "graphopt-prune-plan":
-        raise GraphoptError("apply_plan: not a graphopt pruning plan (missing format field)")
-    for rnd in plan["rounds"]:
-        for e in rnd["members"]:
-            try:
-                (model.get_submodule(e["owner"]) if e["owner"] else model)
-            except AttributeError as err:
-                raise GraphoptError(
-                    f"apply_plan: the model has no module {e['owner']!r}; is it the same architecture?"
-                ) from err
-        apply_members(model, rnd["members"])
-    return model

@@ -23,7 +23,9 @@ import graphopt
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError, GraphoptError, OptionError, PassFailure
 from graphopt.modules import SelfAttention
-from graphopt.passes.prune import apply_plan, remove_units, zero_unit_inputs
+from graphopt.passes.prune import apply_plan, remove_units
+
+from .channel_helpers import zero_unit_inputs
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:

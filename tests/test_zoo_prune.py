@@ -12,8 +12,9 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.channels import ChannelAnalysis
-from graphopt.passes.prune import remove_units, zero_unit_inputs
+from graphopt.passes.prune import remove_units
 
+from .channel_helpers import zero_unit_inputs
 from .zoo import MODELS, build
 
 

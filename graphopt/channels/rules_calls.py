@@ -1,0 +1,233 @@
+"""Channel rules for ``call_function`` and ``call_method`` nodes: elementwise unary and binary
+ops (broadcasting), pools, softmax, functional layer norm, and the dispatch of the shape ops
+(flatten, reshape/view, transpose/permute, cat, split/chunk, getitem, reductions, unsqueeze,
+expand) to the shape rules."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from graphopt.graph import Graph
+
+from .coupling import Coupling
+from .records import Rewrite
+
+_UNARY_FUNCS = {
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.sigmoid,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.mish,
+    F.softplus,
+    F.tanh,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.nn.functional.relu_,
+    torch.exp,
+    torch.neg,
+    torch.abs,
+    torch.sqrt,
+    torch.clamp,
+    torch.clip,
+    torch.dropout,
+    operator.neg,
+    torch.nn.functional.celu,
+}
+_UNARY_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "float",
+    "exp",
+    "neg",
+    "abs",
+    "sqrt",
+    "clamp",
+    "clamp_",
+    "detach",
+    "to",
+    "type_as",
+    "sigmoid_",
+    "hardtanh_",
+}
+_BINARY_FUNCS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
+_POOL_FUNCS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
+
+
+def _stochastic_depth_funcs() -> set:
+    try:
+        from torchvision.ops import stochastic_depth
+
+        return {stochastic_depth}
+    except Exception:  # pragma: no cover - torchvision absent
+        return set()
+
+
+def _start_end(node: fx.Node) -> tuple[int, int]:
+    """``start_dim`` and ``end_dim`` of a ``flatten`` call (function or method)."""
+    args = node.args
+    start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+def _dims_arg(args: tuple) -> tuple | list:
+    """The shape / dims of ``x.view(*shape)`` or ``x.view(shape)`` (also reshape, permute)."""
+    return args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+
+
+class CallRules(Coupling):
+    """The ``call_function`` / ``call_method`` rules (a mixin of
+    :class:`~.analysis.ChannelAnalysis`; shape ops are delegated to its shape rules)."""
+
+    def __init__(self, graph: Graph):
+        super().__init__(graph)
+        self._unary_funcs = _UNARY_FUNCS | _stochastic_depth_funcs()
+
+    def _visit_function(self, node: fx.Node) -> bool:
+        t = node.target
+        args = node.args
+        if t in self._unary_funcs:
+            return self.elementwise(node, [args[0]])
+        if t in _BINARY_FUNCS:
+            return self.elementwise(node, list(args[:2]) + [node.kwargs.get("other")])
+        if t in _POOL_FUNCS:
+            self.passthrough_dims(node, args[0], {0: 0, 1: 1})
+            return True
+        if t is torch.flatten:
+            return self._flatten(node, args[0], *_start_end(node))
+        if t is torch.cat or t is torch.concat:
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return self._cat(node, list(args[0]), dim)
+        if t in (torch.transpose, torch.swapaxes):
+            return self._transpose(node, args[0], args[1], args[2])
+        if t is torch.permute:
+            return self._permute(node, args[0], args[1] if len(args) == 2 else args[1:])
+        if t in (torch.reshape,):
+            return self._reshape(node, args[0], args[1])
+        if t is operator.getitem:
+            return self._getitem(node)
+        if t in (torch.chunk, torch.split):
+            return self._split(node, node.args[0], *self._split_args(node))
+        if t is F.layer_norm:
+            return self._functional_layer_norm(node)
+        if t is torch.softmax or t is F.softmax:
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", -1)
+            self.elementwise(node, [args[0]])
+            self.lock(
+                self.space_at(node, dim % len(self._shape(node))), f"{node.name}: softmax dim"
+            )
+            return True
+        if t is torch.mean or t is torch.sum or t is torch.amax:
+            return self._reduce(
+                node,
+                args[0],
+                args[1] if len(args) > 1 else node.kwargs.get("dim"),
+                node.kwargs.get("keepdim", args[2] if len(args) > 2 else False),
+            )
+        return False
+
+    def _visit_method(self, node: fx.Node) -> bool:
+        name = node.target
+        args = node.args
+        if name in _UNARY_METHODS:
+            return self.elementwise(node, [args[0]])
+        if name in _BINARY_METHODS:
+            return self.elementwise(node, list(args[:2]))
+        if name == "flatten":
+            return self._flatten(node, args[0], *_start_end(node))
+        if name in ("view", "reshape"):
+            return self._reshape(node, args[0], _dims_arg(args))
+        if name in ("transpose", "swapaxes"):
+            return self._transpose(node, args[0], args[1], args[2])
+        if name == "permute":
+            return self._permute(node, args[0], _dims_arg(args))
+        if name in ("chunk", "split"):
+            return self._split(node, args[0], *self._split_args(node))
+        if name in ("mean", "sum", "amax"):
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+            return self._reduce(node, args[0], dim, keep)
+        if name == "expand":
+            shape = self._shape(args[0])
+            out = self._shape(node)
+            if shape is None or len(shape) != len(out):
+                return False
+            return self.elementwise(node, [args[0]])
+        if name == "unsqueeze":
+            d = args[1] % (len(self._shape(args[0])) + 1)
+            nd = len(self._shape(args[0]))
+            self.passthrough_dims(
+                node, args[0], {o: (o if o < d else o - 1) for o in range(nd + 1) if o != d}
+            )
+            return True
+        return False  # squeeze and everything else: not understood
+
+    def _functional_layer_norm(self, node: fx.Node) -> bool:
+        x = node.args[0]
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        shape = self._shape(x)
+        self.elementwise(node, [x])
+        if isinstance(normalized, int):
+            normalized = (normalized,)
+        if not isinstance(normalized, (list, tuple)) or len(normalized) != 1:
+            self._lock_all(node, f"{node.name}: layer_norm shape")
+            return True
+        last = self.space_at(node, len(shape) - 1)
+        self.stat_spaces.add(last.id)
+        w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        for p in (w, b):
+            if isinstance(p, fx.Node):
+                ps = self.spaces_of(p)
+                if ps:
+                    self.couple_spaces(ps[-1], last)
+        self.rewrites.append(Rewrite(node.name, "layer_norm", {}))
+        return True

@@ -1,0 +1,283 @@
+"""Channel surgery: physically remove units of a :class:`~.analysis.ChannelAnalysis`.
+
+:func:`remove_units` slices every member parameter / buffer along its dim, makes the touched
+modules' size attributes agree (``out_channels``, ``groups`` of a depthwise conv, ``num_features``
+...), swaps a sliced ``nn.MultiheadAttention`` for :class:`~graphopt.modules.SelfAttention` and
+rewrites the graph's shape constants (reshape sizes, layer-norm shapes, channel-slice bounds,
+split sizes). It returns the *plan entries*: per member, the indices removed along its dim.
+
+A pruning plan (:func:`plan_document`: one list of entries per round) replays on a fresh instance
+of the same architecture with :func:`apply_plan`, so a pruned checkpoint loads with
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphopt.errors import GraphoptError
+from graphopt.graph import Graph, node_meta
+from graphopt.modules import SelfAttention
+from graphopt.optypes import CONV, CONV_T
+
+from .analysis import ChannelAnalysis
+from .records import Member, Rewrite
+
+__all__ = [
+    "PLAN_FORMAT",
+    "apply_members",
+    "apply_plan",
+    "member_tensor",
+    "plan_document",
+    "remove_units",
+]
+
+PLAN_FORMAT = "graphopt-prune-plan"
+
+
+def member_tensor(root: nn.Module, member: Member) -> torch.Tensor:
+    """The parameter or buffer a member slices (``root``'s ``member.owner.member.param``)."""
+    mod = root.get_submodule(member.owner) if member.owner else root
+    return getattr(mod, member.param)
+
+
+def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[dict[str, Any]]:
+    """Physically remove the given units (component labels of ``ca``); returns the plan
+    entries (members and removed indices)."""
+    units = np.asarray(units, dtype=np.int64)
+    bad = units[~ca.unit_prunable[units]] if len(units) else units
+    if len(bad):
+        raise GraphoptError(f"prune: units {bad[:5].tolist()} are locked or produce nothing")
+    removed = np.isin(ca.labels, units)
+    members = _plan_members(ca, removed)
+    apply_members(graph.module, members)
+    _rewrite_nodes(ca, graph.module, removed)
+    graph.module.recompile()
+    graph.invalidate()
+    graph.propagate_shapes()
+    return members
+
+
+def plan_document(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """A pruning plan (JSON-able) from the plan entries of each round, for :func:`apply_plan`."""
+    return {
+        "format": PLAN_FORMAT,
+        "version": 1,
+        "rounds": [{"round": i, "members": m} for i, m in enumerate(rounds, start=1)],
+    }
+
+
+def apply_plan(model: nn.Module, plan: dict[str, Any] | str | Path) -> nn.Module:
+    """Replay a pruning plan on a fresh instance of the same architecture (in place).
+
+    After this, ``model.load_state_dict(pruned_state_dict)`` loads the pruned checkpoint.
+    Shape constants hard-coded in the model's Python ``forward`` are not rewritten (the traced
+    Graph rewrites them); plans for models whose forward computes shapes dynamically replay
+    exactly.
+    """
+    if isinstance(plan, (str, Path)):
+        plan = json.loads(Path(plan).read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise GraphoptError("apply_plan: not a graphopt pruning plan (missing format field)")
+    for rnd in plan["rounds"]:
+        for e in rnd["members"]:
+            try:
+                (model.get_submodule(e["owner"]) if e["owner"] else model)
+            except AttributeError as err:
+                raise GraphoptError(
+                    f"apply_plan: the model has no module {e['owner']!r}; is it the same architecture?"
+                ) from err
+        apply_members(model, rnd["members"])
+    return model
+
+
+def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
+    """Slice the listed parameters of ``root`` and fix the touched modules' attributes."""
+    depthwise = {}
+    attention: dict[str, int] = {}
+    for e in members:
+        mod = root.get_submodule(e["owner"]) if e["owner"] else root
+        depthwise.setdefault(e["owner"], _is_depthwise(mod))
+        if isinstance(mod, nn.MultiheadAttention):
+            attention[e["owner"]] = mod.head_dim
+    touched = []
+    for e in members:
+        mod = root.get_submodule(e["owner"]) if e["owner"] else root
+        t = getattr(mod, e["param"])
+        n = t.shape[e["dim"]]
+        keep = torch.tensor(sorted(set(range(n)) - set(e["removed"])), dtype=torch.long)
+        with torch.no_grad():
+            _set_tensor(mod, e["param"], t.detach().index_select(e["dim"], keep))
+        touched.append(e["owner"])
+    for owner in dict.fromkeys(touched):
+        mod = root.get_submodule(owner) if owner else root
+        _fix_attributes(mod, depthwise.get(owner, False))
+    for owner, head_dim in attention.items():
+        _to_self_attention(root, owner, head_dim)
+    return list(dict.fromkeys(touched))
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+def _plan_members(ca: ChannelAnalysis, removed: np.ndarray) -> list[dict[str, Any]]:
+    """For each member touched by ``removed`` (bool per element): the indices to drop."""
+    out = []
+    seen: set[tuple[str, str, int]] = set()
+    for m in ca.members:
+        sp = ca.spaces[m.space]
+        drop = np.nonzero(removed[sp.base + m.index_map])[0]
+        key = (m.owner, m.param, m.dim)
+        if len(drop) == 0 or key in seen:
+            continue
+        seen.add(key)
+        out.append({"owner": m.owner, "param": m.param, "dim": m.dim, "removed": drop.tolist()})
+    return out
+
+
+def _set_tensor(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(mod, name)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    elif name in getattr(mod, "_buffers", {}):
+        mod._buffers[name] = value.contiguous()
+    else:
+        setattr(mod, name, value.contiguous())
+
+
+def _fix_attributes(mod: nn.Module, depthwise: bool = False) -> None:
+    """Make a module's size attributes agree with its (sliced) parameters."""
+    if isinstance(mod, CONV):
+        out_g = mod.out_channels // mod.groups
+        mod.out_channels = mod.weight.shape[0]
+        if depthwise:
+            mod.groups = mod.out_channels // out_g
+        mod.in_channels = mod.weight.shape[1] * mod.groups
+    elif isinstance(mod, CONV_T):
+        mod.in_channels = mod.weight.shape[0]
+        mod.out_channels = mod.weight.shape[1] * mod.groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        ref = mod.weight if mod.weight is not None else mod.running_mean
+        if ref is not None:
+            mod.num_features = ref.shape[0]
+    elif isinstance(mod, nn.GroupNorm):
+        if mod.weight is not None:
+            mod.num_channels = mod.weight.shape[0]
+    elif isinstance(mod, nn.LayerNorm):
+        if mod.weight is not None:
+            mod.normalized_shape = (mod.weight.shape[0],)
+    elif isinstance(mod, nn.PReLU):
+        mod.num_parameters = mod.weight.shape[0]
+    elif isinstance(mod, nn.Embedding):
+        mod.embedding_dim = mod.weight.shape[1]
+
+
+def _is_depthwise(mod: nn.Module) -> bool:
+    return isinstance(mod, CONV) and mod.groups > 1 and mod.in_channels == mod.groups
+
+
+def _to_self_attention(root: nn.Module, path: str, head_dim: int) -> None:
+    """Swap a sliced ``nn.MultiheadAttention`` for :class:`SelfAttention` (free widths)."""
+    mod = root.get_submodule(path)
+    if not isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, SelfAttention):
+            mod.embed_in = mod.in_proj_weight.shape[1]
+            mod.embed_out = mod.out_proj.weight.shape[0]
+            mod.num_heads = mod.in_proj_weight.shape[0] // 3 // mod.head_dim
+        return
+    new = SelfAttention.from_mha(mod, head_dim)
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+# -- shape constants ----------------------------------------------------------------------------------
+def _space_new_sizes(ca: ChannelAnalysis, removed: np.ndarray) -> dict[int, int]:
+    return {s.id: int(s.size - removed[s.base : s.base + s.size].sum()) for s in ca.spaces}
+
+
+def _new_shape(
+    ca: ChannelAnalysis, node_name: str, new_sizes: dict[int, int], out: int = 0
+) -> list[int]:
+    shape = []
+    for s in ca.layout.get((node_name, out), []):
+        if len(s.dims) == 1:
+            shape.append(new_sizes[s.id])
+        else:
+            outer = [sz for d, sz in zip(s.dims, s.sizes) if d != s.inner]
+            inner_new = new_sizes[s.id] // max(1, int(np.prod(outer)))
+            shape.extend(inner_new if d == s.inner else sz for d, sz in zip(s.dims, s.sizes))
+    return shape
+
+
+def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray) -> None:
+    """Recompute constant shape arguments of reshape / layer_norm / slice / split nodes."""
+    new_sizes = _space_new_sizes(ca, removed)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for rw in ca.rewrites:
+        node = nodes.get(rw.node)
+        if node is None:
+            continue
+        if rw.kind == "reshape":
+            _rewrite_reshape(node, _new_shape(ca, node.name, new_sizes), ca.layout_shape(node.name))
+        elif rw.kind == "layer_norm":
+            shape = _new_shape(ca, node.name, new_sizes)
+            args = list(node.args)
+            if len(args) > 1:
+                args[1] = (shape[-1],)
+                node.args = tuple(args)
+            else:
+                node.kwargs = {**node.kwargs, "normalized_shape": (shape[-1],)}
+        elif rw.kind == "slice":
+            _rewrite_slice(node, rw, removed[ca.spaces[rw.info["space"]].elements()])
+        elif rw.kind == "attention":
+            _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
+        elif rw.kind == "split":
+            dim = rw.info["dim"]
+            sizes = [
+                _new_shape(ca, node.name, new_sizes, k)[dim]
+                for k in range(len(node_meta(node).outputs))
+            ]
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_function(torch.split, (node.args[0], sizes), {"dim": dim})
+            new.meta = node.meta
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+
+
+def _rewrite_reshape(node: fx.Node, shape: list[int], old: tuple[int, ...]) -> None:
+    """Put the pruned sizes into a reshape / view's constant size arguments (keeps -1 and
+    sizes computed in the graph)."""
+    if shape == list(old):
+        return
+    args = list(node.args)
+    packed = len(args) == 2 and isinstance(args[1], (list, tuple))  # x.view((a, b)) form
+    vals = list(args[1]) if packed else args[1:]
+    fixed = [
+        (shape[i] if isinstance(v, int) and v != -1 and i < len(shape) else v)
+        for i, v in enumerate(vals)
+    ]
+    if node.op == "call_method" and not packed:
+        node.args = (args[0], *fixed)
+    else:
+        node.args = (
+            args[0],
+            type(args[1])(fixed) if isinstance(args[1], (list, tuple)) else fixed,
+        )
+
+
+def _rewrite_slice(node: fx.Node, rw: Rewrite, gone: np.ndarray) -> None:
+    """Move a channel slice's bounds past the removed channels (``gone``: bool per channel)."""
+    start = rw.info["start"] - int(gone[: rw.info["start"]].sum())
+    kept = rw.info["n"] - int(gone[rw.info["start"] : rw.info["start"] + rw.info["n"]].sum())
+    src, idx = node.args
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    items[rw.info["pos"]] = slice(start, start + kept)
+    node.args = (src, tuple(items) if isinstance(idx, tuple) else items[0])

@@ -20,7 +20,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory):
     """The session's digits cache (the same path test_digits.py uses: trained once)."""
-    from graphopt import digits
+    from graphopt.zoo import digits
 
     path = tmp_path_factory.getbasetemp() / "graphopt-cache"
     with pytest.MonkeyPatch.context() as mp:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphopt import cli, digits
+from graphopt.app import cli
 from graphopt.errors import BackendError, ModelSpecError
+from graphopt.zoo import digits
 from graphopt.zoo.models import load_model
 
 
@@ -243,7 +244,7 @@ def test_bench_onnx_and_model(run_dir, digits_cache, capsys):
 
 
 def test_demo_prints_every_stage(digits_cache, tmp_path, capsys):
-    from graphopt import demo
+    from graphopt.app import demo
 
     out_dir = tmp_path / "demo"
     code, out, err = invoke(capsys, "demo", "--out", out_dir, "--runs", "10", "--epochs", "8")

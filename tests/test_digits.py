@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphopt import digits
+from graphopt.zoo import digits
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from graphopt import cli
+from graphopt.app import cli
 
 
 def test_sweep_writes_csv_and_png(digits_cache, tmp_path, capsys):

@@ -1,0 +1,265 @@
+"""``graphopt run``: trace, run the pipeline, export, compare with ONNX Runtime, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt import __version__
+from graphopt.app.console import _out, _quiet_stdout, progress
+from graphopt.app.staging import staged_outputs
+from graphopt.atomic import write_json
+from graphopt.errors import DataError, GraphoptError
+from graphopt.table import render
+
+log = logging.getLogger(__name__)
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+def _ort():
+    try:
+        from graphopt.backends import onnxruntime as ort_backend
+    except ImportError as e:
+        raise GraphoptError(
+            f"the ONNX Runtime backend is unavailable ({e}); use --backend none"
+        ) from e
+    return ort_backend
+
+
+def versions() -> dict[str, str]:
+    """Versions of graphopt, Python and the libraries a report depends on."""
+    out = {"graphopt": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = "not installed"
+    out["platform"] = platform.platform()
+    return out
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _fmt_ms(bench: dict | None) -> str:
+    return "-" if not bench else f"{bench['median_ms']:.3f}"
+
+
+def _fmt_acc(acc: float | None) -> str:
+    return "-" if acc is None else f"{acc:.4f}"
+
+
+def _fmt_parity(parity: dict | None) -> str:
+    if not parity:
+        return "-"
+    return f"{parity['rel']:.1e} / {parity['cosine']:.6f}"
+
+
+def _load(spec: str, input_shape: str | None):
+    from graphopt.zoo.models import load_model
+
+    return load_model(spec, input_shape, progress=progress)
+
+
+def _trace(model, inputs, leaves: Sequence[str] = ()):
+    from graphopt.tracing import trace
+
+    return trace(model, inputs, leaf_modules=tuple(leaves))
+
+
+def _check_data_fits(data, inputs: tuple[torch.Tensor, ...]) -> None:
+    want = tuple(inputs[0].shape[1:])
+    if tuple(data.input_shape[1:]) != want:
+        raise DataError(
+            f"--data {data.name} gives inputs of shape {_shape_text(data.input_shape[1:])} per "
+            f"sample but the model takes {_shape_text(want)}"
+        )
+
+
+def _ort_top1(ort_backend, onnx_path: Path, batches, threads: int) -> float:
+    from graphopt.zoo.digits import evaluate
+
+    sess = ort_backend.session(onnx_path, threads=threads)
+    return evaluate(lambda x: ort_backend.run(sess, x.numpy())[0], batches)
+
+
+def _validate_print_after(names: Sequence[str]) -> None:
+    from graphopt.registry import REGISTRY
+
+    for name in names:
+        if name != "all":
+            REGISTRY.get(name)  # raises UnknownPassError with the nearest name
+
+
+# -- run ---------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load, trace, run the pipeline, export; write model.pt, model.onnx, report.json."""
+    from graphopt.cost import cost_of
+    from graphopt.distributed import is_main
+    from graphopt.instruments import PrintAfter
+    from graphopt.manager import Pipeline
+
+    pipeline = Pipeline.parse(args.pipeline)  # bad pipelines fail before anything is loaded
+    _validate_print_after(args.print_after)
+    data = None
+    if args.data:
+        from graphopt.zoo.models import load_data
+
+        data = load_data(args.data)
+    t0 = time.perf_counter()
+    model, inputs = _load(args.model, args.input_shape)
+    if data is not None:
+        _check_data_fits(data, inputs)
+    log.info("tracing %s with input %s", args.model, _shape_text(inputs[0].shape))
+    graph = _trace(model, inputs, args.leaf)
+    original = graph.copy()
+    cost_before = cost_of(original)
+    instruments = [PrintAfter(args.print_after, sink=_out)] if args.print_after else []
+    out = Path(args.out)
+    if not is_main():  # under torchrun: train with the others, write nothing
+        with tempfile.TemporaryDirectory(prefix="graphopt-rank-") as scratch:
+            pipeline.run(graph, data=data.train if data is not None else None, out_dir=scratch)
+        return 0
+    with staged_outputs(out) as stage:
+        result = pipeline.run(
+            graph,
+            data=data.train if data is not None else None,
+            instruments=instruments,
+            out_dir=stage,
+            checkpoint_dir=out,
+            dump_dir=args.dump_dir,
+            progress=progress,
+        )
+        cost_after = cost_of(result.graph)
+        _save_module(result.graph, stage / "model.pt")
+        rows = {"original": {"cost": cost_before}, "optimized": {"cost": cost_after}}
+        if args.backend == "ort":
+            _ort_compare(args, original, result.graph, stage, rows, data)
+        elif data is not None:
+            from graphopt.zoo.digits import evaluate
+
+            rows["original"]["top1"] = evaluate(original.module, data.test)
+            rows["optimized"]["top1"] = evaluate(result.graph.module, data.test)
+        report = _run_report(args, pipeline, inputs, result, rows, time.perf_counter() - t0)
+        write_json(stage / "report.json", report)
+        written = [p.name + ("/" if p.is_dir() else "") for p in stage.iterdir()]
+    _out(result.summary())
+    _out()
+    _out(_run_table(rows, data is not None, args.threads))
+    if any(r.name == "distill" for r in result.reports) and (out / "distill").is_dir():
+        written.append("distill/ (checkpoints)")
+    _out(f"\nwrote {', '.join(sorted(written))} to {out}")
+    return 0
+
+
+def _save_module(graph, path: Path) -> None:
+    """``torch.save`` the GraphModule (loadable with plain torch, without graphopt) and check
+    that it reloads and computes the same outputs."""
+    import copy
+
+    from graphopt.metrics import within
+
+    module = copy.deepcopy(graph.module)
+    module._tracer_cls = None  # unpickling then re-traces with torch.fx.Tracer, not graphopt's
+    torch.save(module, path)
+    try:
+        reloaded = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            same = within(
+                reloaded(*graph.example_inputs), graph.module(*graph.example_inputs), 1e-4, 1e-6
+            )
+    except Exception as e:
+        raise GraphoptError(
+            f"the optimized model was saved but does not reload ({type(e).__name__}: {e})"
+        ) from e
+    if not same:
+        raise GraphoptError(
+            "the reloaded model.pt computes different outputs than the optimized graph"
+        )
+
+
+def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> None:
+    """Export both graphs; record ORT latency, parity against the original torch model and,
+    with data, top-1 accuracy, in ``rows``."""
+    ort_backend = _ort()
+    inputs = (data.test[0][0],) if data is not None else None
+    with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
+        paths = {"original": Path(tmp) / "original.onnx", "optimized": stage / "model.onnx"}
+        for name, graph in (("original", original), ("optimized", optimized)):
+            log.info("exporting and timing the %s model in ONNX Runtime", name)
+            with _quiet_stdout(args.verbose):
+                ort_backend.export(graph, paths[name])
+            rows[name]["parity"] = ort_backend.check_parity(original, paths[name], inputs=inputs)
+            rows[name]["latency"] = ort_backend.benchmark(
+                paths[name], threads=args.threads, runs=args.runs
+            )
+            if data is not None:
+                from graphopt.zoo.digits import evaluate
+
+                rows[name]["top1"] = evaluate(graph.module, data.test)
+                rows[name]["top1_ort"] = _ort_top1(
+                    ort_backend, paths[name], data.test, args.threads
+                )
+
+
+def _run_table(rows: dict, with_accuracy: bool, threads: int) -> str:
+    latency = f"ORT ms (median, {threads} thread{'s' if threads > 1 else ''})"
+    head = ["model", "params", "MACs", "bytes", latency, "parity (rel / cosine)"]
+    if with_accuracy:
+        head += ["top-1 (torch)", "top-1 (ORT)"]
+    body = []
+    for name, r in rows.items():
+        cost = r["cost"]
+        row = [
+            name,
+            _fmt_int(cost.params),
+            _fmt_int(cost.macs),
+            _fmt_int(cost.bytes),
+            _fmt_ms(r.get("latency")),
+            _fmt_parity(r.get("parity")),
+        ]
+        if with_accuracy:
+            row += [_fmt_acc(r.get("top1")), _fmt_acc(r.get("top1_ort"))]
+        body.append(row)
+    return render(head, body)
+
+
+def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> dict[str, Any]:
+    from graphopt.distributed import world_size
+
+    def row_json(r: dict) -> dict[str, Any]:
+        d: dict[str, Any] = {"cost": r["cost"].to_dict()}
+        for key in ("latency", "parity", "top1", "top1_ort"):
+            if key in r:
+                d[key] = r[key]
+        return d
+
+    return {
+        "command": "run",
+        "model": args.model,
+        "input_shape": list(inputs[0].shape),
+        "pipeline": str(pipeline),
+        "data": args.data,
+        "backend": args.backend,
+        "threads": args.threads,
+        "world_size": world_size(),
+        "passes": result.to_dict()["passes"],
+        "pipeline_seconds": result.seconds,
+        "cost": {name: r["cost"].to_dict() for name, r in rows.items()},
+        "results": {name: row_json(r) for name, r in rows.items()},
+        "seconds": seconds,
+        "versions": versions(),
+    }

@@ -217,8 +217,4 @@ def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         ]
         for r in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    return render(head, body)
+    return render(head, body, markdown=markdown)

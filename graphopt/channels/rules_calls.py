@@ -6,6 +6,7 @@ expand) to the shape rules."""
 from __future__ import annotations
 
 import operator
+import sys
 
 import torch
 import torch.fx as fx
@@ -102,12 +103,11 @@ _POOL_FUNCS = {
 
 
 def _stochastic_depth_funcs() -> set:
-    try:
-        from torchvision.ops import stochastic_depth
-
-        return {stochastic_depth}
-    except Exception:  # pragma: no cover - torchvision absent
-        return set()
+    """torchvision's ``stochastic_depth`` when torchvision is loaded (a model calling it has
+    imported it; graphopt does not pay torchvision's import otherwise)."""
+    ops = sys.modules.get("torchvision.ops")
+    fn = getattr(ops, "stochastic_depth", None) if ops is not None else None
+    return {fn} if fn is not None else set()
 
 
 def _start_end(node: fx.Node) -> tuple[int, int]:

@@ -5,6 +5,8 @@ self-attention. A layer with weights states its parameters as members: the colum
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch.fx as fx
 import torch.nn as nn
@@ -56,14 +58,10 @@ _POOL_MODULES = (
 
 
 def _unary_module_types() -> tuple[type, ...]:
-    extra: list[type] = []
-    try:
-        from torchvision.ops import StochasticDepth
-
-        extra.append(StochasticDepth)
-    except Exception:  # pragma: no cover
-        pass
-    return _UNARY_MODULES + tuple(extra)
+    """With torchvision's ``StochasticDepth`` when torchvision is loaded (see rules_calls)."""
+    ops = sys.modules.get("torchvision.ops")
+    extra = getattr(ops, "StochasticDepth", None) if ops is not None else None
+    return _UNARY_MODULES + ((extra,) if extra is not None else ())
 
 
 class ModuleRules(Coupling):

@@ -12,6 +12,7 @@ from collections import Counter
 
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 CONV: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -23,6 +24,52 @@ INSTANCENORM: tuple[type[nn.Module], ...] = (
 )
 WEIGHTED: tuple[type[nn.Module], ...] = (*CONV, nn.Linear)
 """Layers whose weight has output channels on axis 0 and that qdq/sparsify/equalize rewrite."""
+
+MAX_POOL: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+AVG_POOL: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+ADAPTIVE_MAX_POOL: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+POOL: tuple[type[nn.Module], ...] = (*MAX_POOL, *AVG_POOL, *ADAPTIVE_MAX_POOL)
+DROPOUT: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+"""Identity in eval mode."""
+
+MAX_POOL_FUNCS = frozenset({F.max_pool1d, F.max_pool2d, F.max_pool3d})
+AVG_POOL_FUNCS = frozenset(
+    {
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+    }
+)
+POOL_FUNCS = (
+    MAX_POOL_FUNCS
+    | AVG_POOL_FUNCS
+    | {
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
+    }
+)
+DROPOUT_FUNCS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
 
 
 def call_sites(gm: fx.GraphModule) -> Counter[str]:

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.graph import Graph
+from graphopt.optypes import POOL_FUNCS
 
 from .coupling import Coupling
 from .records import Rewrite
@@ -86,20 +87,7 @@ _BINARY_FUNCS = {
     torch.minimum,
 }
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
-_POOL_FUNCS = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-}
+_POOL_FUNCS = POOL_FUNCS
 
 
 def _stochastic_depth_funcs() -> set:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from graphopt.graph import Graph, node_meta
 from graphopt.modules import SelfAttention
-from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM, call_sites
+from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM, POOL, call_sites
 
 from .coupling import Coupling
 from .records import Rewrite
@@ -41,20 +41,7 @@ _UNARY_MODULES = (
     nn.AlphaDropout,
     nn.CELU,
 )
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
+_POOL_MODULES = POOL
 
 
 def _unary_module_types() -> tuple[type, ...]:

@@ -34,7 +34,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.graph import node_meta
-from graphopt.optypes import CONV, CONV_T, call_sites
+from graphopt.optypes import (
+    AVG_POOL,
+    AVG_POOL_FUNCS,
+    CONV,
+    CONV_T,
+    DROPOUT,
+    DROPOUT_FUNCS,
+    MAX_POOL,
+    MAX_POOL_FUNCS,
+    call_sites,
+)
 
 UNIT_KINDS = ("conv", "linear", "matmul", "add", "mul", "cat", "avgpool")
 INF = math.inf
@@ -80,23 +90,9 @@ class Plan:
         return self.shared.get(node) or self.alias.get(node)
 
 
-_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_AVGPOOL = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-_ALIAS_MODULES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
+_MAXPOOL = MAX_POOL
+_AVGPOOL = AVG_POOL
+_ALIAS_MODULES = (*DROPOUT, nn.Identity)
 _PASS_FUNCS = {
     torch.flatten,
     torch.reshape,
@@ -104,20 +100,11 @@ _PASS_FUNCS = {
     torch.permute,
     torch.squeeze,
     torch.unsqueeze,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
+    *MAX_POOL_FUNCS,
 }
 _PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze"}
-_ALIAS_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
-_AVG_FUNCS = {
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-}
+_ALIAS_FUNCS = DROPOUT_FUNCS
+_AVG_FUNCS = AVG_POOL_FUNCS
 _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from graphopt.errors import DataError, GraphoptError
 from graphopt.graph import Graph, TensorInfo, node_meta
+from graphopt.optypes import DROPOUT, DROPOUT_FUNCS
 from graphopt.passes.qdq.placement import Plan, Unit
 from graphopt.quant.dynamic import DynamicQuantLinear
 from graphopt.quant.modules import (
@@ -39,15 +39,8 @@ from graphopt.quant.observers import QParams, RangeObserver, affine_qparams, sqn
 
 log = logging.getLogger(__name__)
 
-_ALIAS_MODULE_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-_ALIAS_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+_ALIAS_MODULE_TYPES = (*DROPOUT, nn.Identity)
+_ALIAS_FUNCS = tuple(DROPOUT_FUNCS)
 
 
 class QuantizationError(GraphoptError):

@@ -1,20 +1,21 @@
-"""The ``graphopt`` command line: ``run``, ``passes``, ``inspect``, ``bench`` and ``demo``.
-
-This is the only place graphopt prints. Bad input exits with status 2 and one line on stderr
+"""The ``graphopt`` command line: the argument parser and :func:`main`, which runs a command
+and turns its errors into exit statuses. Bad input exits with status 2 and one line on stderr
 starting ``graphopt: error:`` (the traceback only with ``--debug``); an unexpected failure
 exits with status 1 and a hint to rerun with ``--debug``.
+
+The commands live in :mod:`.run` (``run``) and :mod:`.commands` (``passes``, ``inspect``,
+``sweep``, ``bench``, ``emit-c``, ``demo``); what they print goes through :mod:`.console`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import traceback
 from collections.abc import Sequence
 
 from graphopt import __version__
+from graphopt.app import demo, sweep
 from graphopt.app.commands import (
-    SWEEP_TEMPLATE,
     cmd_bench,
     cmd_demo,
     cmd_emit_c,
@@ -23,20 +24,16 @@ from graphopt.app.commands import (
     cmd_sweep,
 )
 from graphopt.app.console import (
-    DEMO_MODEL,
-    DEMO_OUT,
     EXIT_UNEXPECTED,
     EXIT_USAGE,
     PROG,
-    _error,
-    _logging,
-    _silence_stdout,
-    _UsageError,
+    UsageError,
+    error,
+    silence_stdout,
+    stderr_logging,
 )
 from graphopt.app.run import cmd_run
 from graphopt.errors import GraphoptError
-
-log = logging.getLogger(__name__)
 
 
 # -- argument parsing --------------------------------------------------------------------------
@@ -44,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises instead of printing usage and exiting."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -153,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pipeline-template",
-        default=SWEEP_TEMPLATE,
+        default=sweep.DEFAULT_TEMPLATE,
         metavar="TEXT",
         help="pipeline with {ratio} (default %(default)s)",
     )
@@ -188,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive_int, default=30)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", parents=[common], help=f"compress {DEMO_MODEL} and print the table")
+    p = sub.add_parser("demo", parents=[common], help=f"compress {demo.MODEL} and print the table")
     p.add_argument(
-        "--out", default=DEMO_OUT, metavar="DIR", help=f"output directory (default ./{DEMO_OUT})"
+        "--out", default=demo.OUT, metavar="DIR", help=f"output directory (default ./{demo.OUT})"
     )
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--runs", type=_positive_int, default=200)
@@ -209,32 +206,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as e:
-        _error(str(e))
+    except UsageError as e:
+        error(str(e))
         return EXIT_USAGE
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
     args.debug = getattr(args, "debug", False)
     args.verbose = getattr(args, "verbose", 0)
-    with _logging(args.verbose):
+    with stderr_logging(args.verbose):
         try:
             return args.func(args)
         except GraphoptError as e:
             if args.debug:
                 traceback.print_exc()
-            _error(str(e))
+            error(str(e))
             return EXIT_USAGE
         except KeyboardInterrupt:
-            _error("interrupted")
+            error("interrupted")
             return 130
         except BrokenPipeError:  # e.g. `graphopt passes | head`
-            _silence_stdout()
+            silence_stdout()
             return EXIT_UNEXPECTED
         except Exception as e:
             if args.debug:
                 traceback.print_exc()
             text = str(e).strip().splitlines()
-            _error(
+            error(
                 f"unexpected {type(e).__name__}: {text[0] if text else ''} "
                 "(rerun with --debug for the traceback)"
             )

@@ -1,4 +1,5 @@
-"""What the command line shows: output lines, progress bars, logging to stderr, quiet stdout."""
+"""What the command line shows: output lines, progress bars, logs and error lines on stderr,
+quiet stdout, and the exit statuses."""
 
 from __future__ import annotations
 
@@ -10,21 +11,17 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 
-log = logging.getLogger(__name__)
-
 PROG = "graphopt"
-DEMO_MODEL = "digits:vgg"
-DEMO_OUT = "graphopt-demo"
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """Bad command-line input: one line, exit status 2."""
 
 
 # -- output and progress -----------------------------------------------------------------------
-def _out(text: str = "") -> None:
+def echo(text: str = "") -> None:
     print(text, file=sys.stdout, flush=True)
 
 
@@ -55,7 +52,7 @@ class _Formatter(logging.Formatter):
 
 
 @contextlib.contextmanager
-def _logging(verbose: int) -> Iterator[None]:
+def stderr_logging(verbose: int) -> Iterator[None]:
     """Route graphopt's logs to stderr (WARNING, or INFO with -v, DEBUG with -vv) and silence
     third-party warnings and exporter chatter unless -v."""
     logger = logging.getLogger("graphopt")
@@ -79,7 +76,7 @@ def _logging(verbose: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_stdout(verbose: int) -> Iterator[None]:
+def quiet_stdout(verbose: int) -> Iterator[None]:
     """Keep third-party chatter (e.g. the ONNX exporter's progress lines) off stdout: send it
     to stderr with -v, discard it otherwise."""
     sink = sys.stderr if verbose else io.StringIO()
@@ -87,18 +84,18 @@ def _quiet_stdout(verbose: int) -> Iterator[None]:
         yield
 
 
-# -- entry point -------------------------------------------------------------------------------
+# -- errors and exits --------------------------------------------------------------------------
 def _one_line(message: str) -> str:
     """A multi-line message (e.g. a pipeline syntax error with a caret line) as one line."""
     parts = [line.strip() for line in message.strip().splitlines()]
     return " ".join(p for p in parts if p and set(p) != {"^"}) or "failed"
 
 
-def _error(message: str) -> None:
+def error(message: str) -> None:
     print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)

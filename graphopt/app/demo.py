@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.app.ort import ort_top1
 from graphopt.atomic import write_json, write_text
 from graphopt.errors import GraphoptError
-from graphopt.table import render
+from graphopt.table import cell, render
 
 log = logging.getLogger(__name__)
 
 MODEL = "digits:vgg"
+OUT = "graphopt-demo"  # the default output directory
 RATIO = 0.5
 EPOCHS = 30
 
@@ -108,13 +110,12 @@ def _measure(label, pipeline, graph, index, cfg: DemoConfig, test, result: DemoR
     onnx_path = cfg.out / "stages" / f"{stem}.onnx"
     ort_backend.export(graph, onnx_path)
     result.written.append(str(onnx_path.relative_to(cfg.out)))
-    sess = ort_backend.session(onnx_path, threads=cfg.threads)
     row: dict[str, Any] = {
         "stage": label,
         "pipeline": pipeline,
         "cost": cost_of(graph).to_dict(),
         "top1_torch": evaluate(graph.module, test),
-        "top1_ort": evaluate(lambda x: ort_backend.run(sess, x.numpy())[0], test),
+        "top1_ort": ort_top1(ort_backend, onnx_path, test, cfg.threads),
         "ort_ms": ort_backend.benchmark(
             onnx_path, threads=cfg.threads, inputs=graph.example_inputs, warmup=20, runs=cfg.runs
         )["median_ms"],
@@ -198,23 +199,12 @@ def _write_summary(cfg: DemoConfig, result: DemoResult, failed: str | None = Non
             result.written.append(name)
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """One line per stage: cost, top-1 and median latency in ONNX Runtime and in C."""
     head = ["stage", "params", "MACs", "bytes", "top-1 (ORT)", "top-1 (C)", "ORT ms", "C ms"]
     body = [
-        [
-            r["stage"],
-            f"{r['cost']['params']:,}",
-            f"{r['cost']['macs']:,}",
-            f"{r['cost']['bytes']:,}",
-            _fmt(r.get("top1_ort"), ".4f"),
-            _fmt(r.get("top1_c"), ".4f"),
-            _fmt(r.get("ort_ms"), ".4f"),
-            _fmt(r.get("c_ms"), ".4f"),
-        ]
+        [r["stage"], *(cell(r["cost"][k], ",") for k in ("params", "macs", "bytes"))]
+        + [cell(r.get(k), ".4f") for k in ("top1_ort", "top1_c", "ort_ms", "c_ms")]
         for r in rows
     ]
     return render(head, body, markdown=markdown)

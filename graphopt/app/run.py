@@ -14,24 +14,15 @@ from typing import Any
 import torch
 
 from graphopt import __version__
-from graphopt.app.console import _out, _quiet_stdout, progress
+from graphopt.app.console import echo, progress, quiet_stdout
+from graphopt.app.loading import check_data_fits, load_spec, shape_text, trace_model
+from graphopt.app.ort import load_ort, ort_top1
 from graphopt.app.staging import staged_outputs
 from graphopt.atomic import write_json
-from graphopt.errors import DataError, GraphoptError
-from graphopt.table import render
+from graphopt.errors import GraphoptError
+from graphopt.table import cell, render
 
 log = logging.getLogger(__name__)
-
-
-# -- shared helpers ----------------------------------------------------------------------------
-def _ort():
-    try:
-        from graphopt.backends import onnxruntime as ort_backend
-    except ImportError as e:
-        raise GraphoptError(
-            f"the ONNX Runtime backend is unavailable ({e}); use --backend none"
-        ) from e
-    return ort_backend
 
 
 def versions() -> dict[str, str]:
@@ -46,56 +37,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def _fmt_int(n: int | None) -> str:
-    return "-" if n is None else f"{n:,}"
-
-
-def _fmt_ms(bench: dict | None) -> str:
-    return "-" if not bench else f"{bench['median_ms']:.3f}"
-
-
-def _fmt_acc(acc: float | None) -> str:
-    return "-" if acc is None else f"{acc:.4f}"
-
-
-def _fmt_parity(parity: dict | None) -> str:
-    if not parity:
-        return "-"
-    return f"{parity['rel']:.1e} / {parity['cosine']:.6f}"
-
-
-def _load(spec: str, input_shape: str | None):
-    from graphopt.zoo.models import load_model
-
-    return load_model(spec, input_shape, progress=progress)
-
-
-def _trace(model, inputs, leaves: Sequence[str] = ()):
-    from graphopt.tracing import trace
-
-    return trace(model, inputs, leaf_modules=tuple(leaves))
-
-
-def _check_data_fits(data, inputs: tuple[torch.Tensor, ...]) -> None:
-    want = tuple(inputs[0].shape[1:])
-    if tuple(data.input_shape[1:]) != want:
-        raise DataError(
-            f"--data {data.name} gives inputs of shape {_shape_text(data.input_shape[1:])} per "
-            f"sample but the model takes {_shape_text(want)}"
-        )
-
-
-def _ort_top1(ort_backend, onnx_path: Path, batches, threads: int) -> float:
-    from graphopt.zoo.digits import evaluate
-
-    sess = ort_backend.session(onnx_path, threads=threads)
-    return evaluate(lambda x: ort_backend.run(sess, x.numpy())[0], batches)
-
-
 def _validate_print_after(names: Sequence[str]) -> None:
     from graphopt.registry import REGISTRY
 
@@ -104,7 +45,6 @@ def _validate_print_after(names: Sequence[str]) -> None:
             REGISTRY.get(name)  # raises UnknownPassError with the nearest name
 
 
-# -- run ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Load, trace, run the pipeline, export; write model.pt, model.onnx, report.json."""
     from graphopt.cost import cost_of
@@ -120,14 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         data = load_data(args.data)
     t0 = time.perf_counter()
-    model, inputs = _load(args.model, args.input_shape)
+    model, inputs = load_spec(args.model, args.input_shape)
     if data is not None:
-        _check_data_fits(data, inputs)
-    log.info("tracing %s with input %s", args.model, _shape_text(inputs[0].shape))
-    graph = _trace(model, inputs, args.leaf)
+        check_data_fits(data, inputs)
+    log.info("tracing %s with input %s", args.model, shape_text(inputs[0].shape))
+    graph = trace_model(model, inputs, args.leaf)
     original = graph.copy()
     cost_before = cost_of(original)
-    instruments = [PrintAfter(args.print_after, sink=_out)] if args.print_after else []
+    instruments = [PrintAfter(args.print_after, sink=echo)] if args.print_after else []
     out = Path(args.out)
     if not is_main():  # under torchrun: train with the others, write nothing
         with tempfile.TemporaryDirectory(prefix="graphopt-rank-") as scratch:
@@ -156,12 +96,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = _run_report(args, pipeline, inputs, result, rows, time.perf_counter() - t0)
         write_json(stage / "report.json", report)
         written = [p.name + ("/" if p.is_dir() else "") for p in stage.iterdir()]
-    _out(result.summary())
-    _out()
-    _out(_run_table(rows, data is not None, args.threads))
+    echo(result.summary())
+    echo()
+    echo(_run_table(rows, data is not None, args.threads))
     if any(r.name == "distill" for r in result.reports) and (out / "distill").is_dir():
         written.append("distill/ (checkpoints)")
-    _out(f"\nwrote {', '.join(sorted(written))} to {out}")
+    echo(f"\nwrote {', '.join(sorted(written))} to {out}")
     return 0
 
 
@@ -194,13 +134,13 @@ def _save_module(graph, path: Path) -> None:
 def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> None:
     """Export both graphs; record ORT latency, parity against the original torch model and,
     with data, top-1 accuracy, in ``rows``."""
-    ort_backend = _ort()
+    ort_backend = load_ort()
     inputs = (data.test[0][0],) if data is not None else None
     with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
         paths = {"original": Path(tmp) / "original.onnx", "optimized": stage / "model.onnx"}
         for name, graph in (("original", original), ("optimized", optimized)):
             log.info("exporting and timing the %s model in ONNX Runtime", name)
-            with _quiet_stdout(args.verbose):
+            with quiet_stdout(args.verbose):
                 ort_backend.export(graph, paths[name])
             rows[name]["parity"] = ort_backend.check_parity(original, paths[name], inputs=inputs)
             rows[name]["latency"] = ort_backend.benchmark(
@@ -210,9 +150,7 @@ def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> No
                 from graphopt.zoo.digits import evaluate
 
                 rows[name]["top1"] = evaluate(graph.module, data.test)
-                rows[name]["top1_ort"] = _ort_top1(
-                    ort_backend, paths[name], data.test, args.threads
-                )
+                rows[name]["top1_ort"] = ort_top1(ort_backend, paths[name], data.test, args.threads)
 
 
 def _run_table(rows: dict, with_accuracy: bool, threads: int) -> str:
@@ -225,16 +163,24 @@ def _run_table(rows: dict, with_accuracy: bool, threads: int) -> str:
         cost = r["cost"]
         row = [
             name,
-            _fmt_int(cost.params),
-            _fmt_int(cost.macs),
-            _fmt_int(cost.bytes),
-            _fmt_ms(r.get("latency")),
-            _fmt_parity(r.get("parity")),
+            cell(cost.params, ","),
+            cell(cost.macs, ","),
+            cell(cost.bytes, ","),
+            cell(_median_ms(r.get("latency")), ".3f"),
+            _parity_text(r.get("parity")),
         ]
         if with_accuracy:
-            row += [_fmt_acc(r.get("top1")), _fmt_acc(r.get("top1_ort"))]
+            row += [cell(r.get("top1"), ".4f"), cell(r.get("top1_ort"), ".4f")]
         body.append(row)
     return render(head, body)
+
+
+def _median_ms(bench: dict | None) -> float | None:
+    return bench["median_ms"] if bench else None
+
+
+def _parity_text(parity: dict | None) -> str:
+    return f"{parity['rel']:.1e} / {parity['cosine']:.6f}" if parity else "-"
 
 
 def _run_report(args, pipeline, inputs, result, rows: dict, seconds: float) -> dict[str, Any]:

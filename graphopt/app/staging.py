@@ -1,9 +1,9 @@
-"""Atomic output directories: a run writes into a staging directory that replaces ``--out`` only when the run succeeded, so a failed run leaves earlier outputs intact."""
+"""Atomic output directories: a command writes into a staging directory whose entries replace
+those in ``--out`` only when it succeeds, so a failed run leaves earlier outputs intact."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -12,10 +12,7 @@ from pathlib import Path
 
 from graphopt.errors import GraphoptError
 
-log = logging.getLogger(__name__)
 
-
-# -- staged, atomic outputs --------------------------------------------------------------------
 @contextlib.contextmanager
 def staged_outputs(out: Path) -> Iterator[Path]:
     """Yield a private staging directory inside ``out``. On success each entry is moved into

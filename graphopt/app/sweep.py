@@ -18,14 +18,16 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from graphopt.app.ort import ort_top1
 from graphopt.atomic import atomic_path, write_text
 from graphopt.errors import OptionError
+from graphopt.table import cell, render
 
 log = logging.getLogger(__name__)
 
 VARIANT_PASSES = ("prune", "distill", "qdq", "sparsify")
+DEFAULT_TEMPLATE = "fold-bn,prune(ratio={ratio}),distill(epochs=10),qdq"
 
 
 @dataclass
@@ -65,7 +67,6 @@ def run_sweep(
     from graphopt.cost import cost_of
     from graphopt.manager import Pipeline
     from graphopt.tracing import trace
-    from graphopt.zoo.digits import evaluate
 
     wrap = progress or (lambda it, desc="", total=None: it)
     pipelines = [(r, Pipeline.parse(expand(template, r))) for r in ratios]  # fail early
@@ -84,8 +85,7 @@ def run_sweep(
                 lossy.append(spec.name)
                 path = Path(tmp) / f"r{ratio:g}-{len(done)}.onnx"
                 ort_backend.export(graph, path)
-                sess = ort_backend.session(path, threads=threads)
-                top1 = evaluate(lambda x, s=sess: ort_backend.run(s, x.numpy())[0], data.test)
+                top1 = ort_top1(ort_backend, path, data.test, threads)
                 ms = ort_backend.benchmark(path, threads=threads, runs=runs)["median_ms"]
                 cost = cost_of(graph)
                 points.append(
@@ -165,15 +165,12 @@ def plot(points: Sequence[SweepPoint], path: str | Path, title: str = "") -> Pat
     return Path(path)
 
 
-def table_rows(points: Sequence[SweepPoint]) -> list[list[Any]]:
-    return [
-        [
-            f"{p.ratio:g}",
-            p.variant,
-            f"{p.params:,}",
-            f"{p.macs:,}",
-            f"{p.top1_ort:.4f}",
-            f"{p.ort_ms:.3f}",
-        ]
+def table(points: Sequence[SweepPoint]) -> str:
+    """One line per (ratio, variant) point."""
+    head = ["ratio", "variant", "params", "MACs", "top-1 (ORT)", "ORT ms"]
+    body = [
+        [f"{p.ratio:g}", p.variant, cell(p.params, ","), cell(p.macs, ",")]
+        + [cell(p.top1_ort, ".4f"), cell(p.ort_ms, ".3f")]
         for p in points
     ]
+    return render(head, body)

@@ -165,3 +165,42 @@ def test_the_c_backend_compiles_an_export_traced_cnn(tmp_path):
     got = cm.run(x.numpy())[0]
     want = g.module(x).detach().numpy()
     assert abs(got - want).max() <= 1e-4 * abs(want).max()
+
+
+def test_the_cli_compresses_a_saved_hugging_face_folder(hf_model, tmp_path, capsys):
+    from graphopt.app import cli
+
+    name, model, inputs = hf_model
+    if name != "bert":
+        pytest.skip("one transformer is enough here")
+    folder = tmp_path / "bert"
+    model.save_pretrained(folder)
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "run",
+            f"hf:{folder}",
+            "--pipeline",
+            "prune(ratio=0.5),qdq(activations=dynamic)",
+            "--out",
+            str(out),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out / "model.onnx").is_file()
+    code = cli.main(
+        [
+            "run",
+            f"hf:{folder}",
+            "--pipeline",
+            "dce",
+            "--frontend",
+            "fx",
+            "--strict-trace",
+            "--out",
+            str(tmp_path / "fx"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot trace" in err  # fx alone, strictly, cannot take BERT

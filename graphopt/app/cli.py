@@ -63,7 +63,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="digits:vgg, torchvision:NAME, pkg.mod:factory, file.py:factory or model.pt",
+        help="digits:vgg, torchvision:NAME, hf:PATH (a save_pretrained folder), "
+        "pkg.mod:factory, file.py:factory or model.pt",
     )
     p.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
     p.add_argument(
@@ -72,6 +73,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATH",
         help="keep the module at PATH (fnmatch glob) opaque while tracing; repeatable",
+    )
+    p.add_argument(
+        "--frontend",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="how the model is captured: fx, torch.export, or auto (fx, then export, then fx "
+        "making untraceable submodules leaves; default: %(default)s)",
+    )
+    p.add_argument(
+        "--strict-trace",
+        action="store_true",
+        help="refuse instead of making untraceable submodules leaves automatically",
     )
 
 

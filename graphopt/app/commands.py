@@ -44,7 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.cost import cost_of
 
     model, inputs = load_spec(args.model, args.input_shape)
-    graph = trace_model(model, inputs, args.leaf)
+    graph = trace_model(model, inputs, args)
     cost = cost_of(graph)
     echo(f"{args.model}: input {shape_text(inputs[0].shape)}, {len(graph.nodes)} graph nodes")
     echo(cost.table())
@@ -102,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         title = f"{path}"
     else:
         model, inputs = load_spec(args.model, args.input_shape)
-        graph = trace_model(model, inputs, args.leaf)
+        graph = trace_model(model, inputs, args)
         rows.append(
             [
                 "torch",

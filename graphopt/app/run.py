@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if data is not None:
         check_data_fits(data, inputs)
     log.info("tracing %s with input %s", args.model, shape_text(inputs[0].shape))
-    graph = trace_model(model, inputs, args.leaf)
+    graph = trace_model(model, inputs, args)
     original = graph.copy()
     cost_before = cost_of(original)
     instruments = [PrintAfter(args.print_after, sink=echo)] if args.print_after else []

@@ -298,3 +298,14 @@ def test_emit_c_writes_sources_and_a_report(run_dir, tmp_path, capsys):
     assert "arena" in text and "Conv" in text
     code, _, err = invoke(capsys, "emit-c", tmp_path / "missing.onnx", "--out", out)
     assert_one_error_line(code, err, "does not exist")
+
+
+def test_inspect_lists_quantization_sensitivity(capsys):
+    code, out, err = invoke(
+        capsys, "inspect", "digits:vgg", "--quant-sensitivity", "--data", "digits"
+    )
+    assert code == 0, err
+    table = out.split("int8 sensitivity", 1)[1]
+    assert "features.0" in table and "classifier" in table and "SQNR" in table
+    code, _, err = invoke(capsys, "inspect", "digits:vgg", "--quant-sensitivity")
+    assert code == 2 and "needs --data" in err

@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="per-layer params, MACs and bytes")
     _model_args(p)
+    p.add_argument(
+        "--quant-sensitivity",
+        action="store_true",
+        help="also quantize each layer alone (int8, qdq's defaults) and list its output SQNR, "
+        "worst first, to choose qdq(skip=[...]); needs --data",
+    )
+    p.add_argument("--data", metavar="NAME", help="named data set for --quant-sensitivity")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", parents=[common], help="latency of an .onnx file or a model")

@@ -11,7 +11,7 @@ from graphopt.app.console import UsageError, echo, progress, quiet_stdout
 from graphopt.app.loading import check_data_fits, load_spec, shape_text, trace_model
 from graphopt.app.ort import load_ort
 from graphopt.app.staging import staged_outputs
-from graphopt.errors import GraphoptError
+from graphopt.errors import DataError, GraphoptError
 from graphopt.table import cell, render
 
 
@@ -52,6 +52,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"\ntotal: {cost.params:,} params, {cost.macs:,} MACs, {cost.bytes:,} bytes "
         f"({cost.bytes / 2**20:.2f} MiB)"
     )
+    if args.quant_sensitivity:
+        from graphopt.passes.qdq.sensitivity import quant_sensitivity
+        from graphopt.zoo.models import load_data
+
+        if not args.data:
+            raise DataError("--quant-sensitivity needs --data NAME (calibration batches)")
+        data = load_data(args.data)
+        check_data_fits(data, inputs)
+        batches = [x for x, _ in data.train][:8]
+        rows = quant_sensitivity(graph, batches, progress=progress)
+        echo("\nint8 sensitivity (each layer quantized alone; lowest SQNR hurts most):")
+        echo(
+            render(
+                ["layer", "kind", "output SQNR dB"],
+                [[r["layer"], r["kind"], cell(r["sqnr_db"], ".1f")] for r in rows],
+            )
+        )
     return 0
 
 

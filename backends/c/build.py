@@ -164,11 +164,7 @@ def build(
     Raises :class:`~graphopt.errors.BackendError` when no compiler is found, the model is not
     supported, or the compiler rejects the code."""
     find_compiler(cc)
-    tmp = None
-    if out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="graphopt-c-")
-        out_dir = tmp.name
-    out = Path(out_dir)
+    out, tmp = _out_dir(out_dir)
     report = emit(onnx_model_or_path, out, name=name, input_shapes=input_shapes, sparse=sparse)
     lib = out / f"lib{name}.so"
     secs = compile_shared([out / f"{name}.c", out / f"{name}_weights.c"], lib, cc, flags)
@@ -188,11 +184,7 @@ def build_many(
     the joint compile fails, each model is compiled alone so the culprits get the error and
     the rest still load. Used by the tests to keep hundreds of small models fast."""
     find_compiler(cc)
-    tmp = None
-    if out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="graphopt-c-")
-        out_dir = tmp.name
-    out = Path(out_dir)
+    out, tmp = _out_dir(out_dir)
     results: dict[str, CModel | Exception] = {}
     reports: dict[str, dict] = {}
     for name, model in models.items():
@@ -221,6 +213,14 @@ def build_many(
             except BackendError as e:
                 results[name] = e
     return results
+
+
+def _out_dir(out_dir) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """``out_dir``, or a new temporary directory (returned too: the models keep it alive)."""
+    if out_dir is not None:
+        return Path(out_dir), None
+    tmp = tempfile.TemporaryDirectory(prefix="graphopt-c-")
+    return Path(tmp.name), tmp
 
 
 def _compile_one_call(

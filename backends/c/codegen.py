@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from .cgen import c_array_body
+from .ctext import c_array_body
 from .ir import C_TYPES, Program
 from .planner import ALIGN, Plan
 

@@ -16,6 +16,8 @@ import re
 import numpy as np
 
 from . import csrc_float
+from .ctext import act_args
+from .opbase import ConvGeometry
 
 PB = 8
 
@@ -201,16 +203,16 @@ static void gp_pw_f32(const float *x, const float *wp, const float *b, float *y,
 """.replace("@MR@", str(MR)).replace("@NR@", str(NR))
 
 
-def pointwise(geo: dict) -> bool:
+def pointwise(geo: ConvGeometry) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv over at least two pixel tiles."""
     return (
-        geo["KH"] == geo["KW"] == 1
-        and geo["sh"] == geo["sw"] == 1
-        and geo["ph"] == 0
-        and geo["pw"] == 0
-        and geo["G"] == 1
-        and geo["H"] == geo["OH"]
-        and geo["W"] == geo["OW"]
-        and geo["H"] * geo["W"] >= 2 * NR
+        geo.KH == geo.KW == 1
+        and geo.sh == geo.sw == 1
+        and geo.ph == geo.pw == 0
+        and geo.G == 1
+        and geo.H == geo.OH
+        and geo.W == geo.OW
+        and geo.H * geo.W >= 2 * NR
     )
 
 
@@ -282,9 +284,9 @@ def block_size(mg: int) -> int:
     return 8
 
 
-def applicable(geo: dict) -> bool:
+def applicable(geo: ConvGeometry) -> bool:
     """Worth it when each group has several output channels (not depthwise)."""
-    return geo["M"] // geo["G"] >= 4
+    return geo.M // geo.G >= 4
 
 
 def pack(w: np.ndarray, groups: int, mb: int, dtype=np.float32) -> np.ndarray:
@@ -299,51 +301,26 @@ def pack(w: np.ndarray, groups: int, mb: int, dtype=np.float32) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(groups, nb, mb, cg, taps).transpose(0, 1, 3, 4, 2))
 
 
-def emit(cg, geo: dict, w: np.ndarray, b, n: int, x: str, y: str, act) -> str:
-    from .kernels_float import act_args
-
+def emit(cg, geo: ConvGeometry, w: np.ndarray, b, x: str, y: str, act) -> str:
+    """C statements for a float conv with constant weights ``w``: the pointwise kernel or the
+    packed direct convolution, once per image of the batch."""
     cg.helper("div", csrc_float.DIV)
     cg.helper("nounroll", NOUNROLL)
-    xs = geo["C"] * geo["H"] * geo["W"]
-    ys = geo["M"] * geo["OH"] * geo["OW"]
     bias = cg.ptr(b.name) if b is not None else "0"
     if pointwise(geo):
         cg.helper("pw", POINTWISE)
         wsym = cg.weight(pack(w, 1, MR).reshape(-1), f"conv1x1_w_packed_{MR}")
-        return (
-            f"  const float *x = {x};\n  float *y = {y};\n  int n;\n"
-            f"  for (n = 0; n < {n}; ++n)\n"
-            f"    gp_pw_f32(x + (long)n * {xs}, {wsym}, {bias}, y + (long)n * {ys}, "
-            f"{geo['C']}, {geo['M']}, {geo['H'] * geo['W']}, {act_args(act)});"
-        )
-    mb = block_size(geo["M"] // geo["G"])
-    cg.helper("actf", ACTF)
-    fn, src = convp_source(mb)
-    cg.helper(fn, src)
-    wsym = cg.weight(pack(w, geo["G"], mb).reshape(-1), f"conv_w_packed_{mb}")
-    args = ", ".join(
-        str(geo[k])
-        for k in (
-            "C",
-            "H",
-            "W",
-            "M",
-            "OH",
-            "OW",
-            "KH",
-            "KW",
-            "sh",
-            "sw",
-            "dh",
-            "dw",
-            "ph",
-            "pw",
-            "G",
-        )
-    )
+        fn, args = "gp_pw_f32", f"{geo.C}, {geo.M}, {geo.H * geo.W}"
+    else:
+        mb = block_size(geo.M // geo.G)
+        cg.helper("actf", ACTF)
+        fn, src = convp_source(mb)
+        cg.helper(fn, src)
+        wsym = cg.weight(pack(w, geo.G, mb).reshape(-1), f"conv_w_packed_{mb}")
+        args = geo.args()
     return (
         f"  const float *x = {x};\n  float *y = {y};\n  int n;\n"
-        f"  for (n = 0; n < {n}; ++n)\n"
-        f"    {fn}(x + (long)n * {xs}, {wsym}, {bias}, y + (long)n * {ys}, "
+        f"  for (n = 0; n < {geo.N}; ++n)\n"
+        f"    {fn}(x + (long)n * {geo.x_size}, {wsym}, {bias}, y + (long)n * {geo.y_size}, "
         f"{args}, {act_args(act)});"
     )

@@ -94,24 +94,23 @@ static void gp_gemm_f32(const float *A, long sam, long sak, const float *B, long
 }
 """
 
-# N-d pooling (up to 3 spatial dims; unused dims have size 1). kind 0: max, 1: average
-# excluding pads, 2: average including pads (taps inside [-pb, in + pe) count).
-POOL = r"""
-static void gp_pool_{T}(const {T} *x, {T} *y, long NC, const int *in, const int *out,
-                        const int *k, const int *s, const int *d, const int *pb, const int *pe,
-                        int kind)
+# The body every N-d pooling kernel shares (up to 3 spatial dims; unused dims have size 1):
+# for each of NC planes and each output position, walk the window's taps inside [-pb, in + pe)
+# (counted in ``padded``), run @TAP@ on those inside the input (it counts them in ``cnt``),
+# then @STORE@. @XT@/@YT@ are the input/output C types, @ACC@ declares the accumulator.
+POOL_BODY = r"""
 {
   const long isz = (long)in[0] * in[1] * in[2], osz = (long)out[0] * out[1] * out[2];
   long nc;
   int o0, o1, o2, k0, k1, k2;
   for (nc = 0; nc < NC; ++nc) {
-    const {T} *xc = x + nc * isz;
-    {T} *yc = y + nc * osz;
+    const @XT@ *xc = x + nc * isz;
+    @YT@ *yc = y + nc * osz;
     for (o0 = 0; o0 < out[0]; ++o0)
     for (o1 = 0; o1 < out[1]; ++o1)
     for (o2 = 0; o2 < out[2]; ++o2) {
       const int b0 = o0 * s[0] - pb[0], b1 = o1 * s[1] - pb[1], b2 = o2 * s[2] - pb[2];
-      {ACC} acc = {INIT};
+      @ACC@
       int cnt = 0, padded = 0;
       for (k0 = 0; k0 < k[0]; ++k0) {
         const int i0 = b0 + k0 * d[0];
@@ -124,21 +123,46 @@ static void gp_pool_{T}(const {T} *x, {T} *y, long NC, const int *in, const int 
             if (i2 >= in[2] + pe[2]) break;
             ++padded;
             if (i0 < 0 || i1 < 0 || i2 < 0 || i0 >= in[0] || i1 >= in[1] || i2 >= in[2]) continue;
-            {
-              const {T} v = xc[((long)i0 * in[1] + i1) * in[2] + i2];
-              if (kind == 0) { if (v > acc || cnt == 0) acc = v; } else acc += v;
-              ++cnt;
-            }
+@TAP@
           }
         }
       }
-      if (kind == 0) yc[((long)o0 * out[1] + o1) * out[2] + o2] = ({T})acc;
-      else yc[((long)o0 * out[1] + o1) * out[2] + o2] =
-          ({T})(acc / (kind == 2 ? padded : (cnt ? cnt : 1)));
+@STORE@
     }
   }
 }
 """
+
+
+def pool_body(xt: str, yt: str, acc: str, tap: str, store: str) -> str:
+    """:data:`POOL_BODY` with its placeholders filled (``tap`` and ``store`` are whole,
+    indented lines)."""
+    fill = {"@XT@": xt, "@YT@": yt, "@ACC@": acc, "@TAP@": tap, "@STORE@": store}
+    code = POOL_BODY
+    for key, value in fill.items():
+        code = code.replace(key, value)
+    return code
+
+
+# kind 0: max, 1: average excluding pads, 2: average including pads (taps inside
+# [-pb, in + pe) count). {T} is the element type, {ACC} the accumulator's.
+_POOL_SIGNATURE = r"""
+static void gp_pool_{T}(const {T} *x, {T} *y, long NC, const int *in, const int *out,
+                        const int *k, const int *s, const int *d, const int *pb, const int *pe,
+                        int kind)"""
+POOL = _POOL_SIGNATURE + pool_body(
+    "{T}",
+    "{T}",
+    "{ACC} acc = {INIT};",
+    """            {
+              const {T} v = xc[((long)i0 * in[1] + i1) * in[2] + i2];
+              if (kind == 0) { if (v > acc || cnt == 0) acc = v; } else acc += v;
+              ++cnt;
+            }""",
+    """      if (kind == 0) yc[((long)o0 * out[1] + o1) * out[2] + o2] = ({T})acc;
+      else yc[((long)o0 * out[1] + o1) * out[2] + o2] =
+          ({T})(acc / (kind == 2 ? padded : (cnt ? cnt : 1)));""",
+)
 
 # softmax over the middle axis of [outer][n][inner]
 SOFTMAX = r"""

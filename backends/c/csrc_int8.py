@@ -8,6 +8,8 @@ requantisation of gemmlowp / TFLite / CMSIS-NN (their single-rounding variant)."
 
 from __future__ import annotations
 
+from .csrc_float import pool_body
+
 REQUANT = r"""
 static int32_t gp_requant_clamp(int32_t acc, int32_t qm, int32_t qs, int zy, int qmin, int qmax)
 {
@@ -102,46 +104,20 @@ static void gp_qadd_TAG(const XT *a, const XT *b, YT *y, long n, int za, int zb,
 
 # average pooling: sum of (x - zx) over the window, requantised by sx / (sy * count) taken
 # from a table indexed by the window's count
-QAVG = r"""
+_QAVG_SIGNATURE = r"""
 static void gp_qavg_TAG(const XT *x, YT *y, long NC, const int *in, const int *out, const int *k,
                         const int *s, const int *d, const int *pb, const int *pe, int include_pad,
-                        int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
-{
-  const long isz = (long)in[0] * in[1] * in[2], osz = (long)out[0] * out[1] * out[2];
-  long nc;
-  int o0, o1, o2, k0, k1, k2;
-  for (nc = 0; nc < NC; ++nc) {
-    const XT *xc = x + nc * isz;
-    YT *yc = y + nc * osz;
-    for (o0 = 0; o0 < out[0]; ++o0)
-    for (o1 = 0; o1 < out[1]; ++o1)
-    for (o2 = 0; o2 < out[2]; ++o2) {
-      const int b0 = o0 * s[0] - pb[0], b1 = o1 * s[1] - pb[1], b2 = o2 * s[2] - pb[2];
-      int32_t acc = 0;
-      int cnt = 0, padded = 0;
-      for (k0 = 0; k0 < k[0]; ++k0) {
-        const int i0 = b0 + k0 * d[0];
-        if (i0 >= in[0] + pe[0]) break;
-        for (k1 = 0; k1 < k[1]; ++k1) {
-          const int i1 = b1 + k1 * d[1];
-          if (i1 >= in[1] + pe[1]) break;
-          for (k2 = 0; k2 < k[2]; ++k2) {
-            const int i2 = b2 + k2 * d[2];
-            if (i2 >= in[2] + pe[2]) break;
-            ++padded;
-            if (i0 < 0 || i1 < 0 || i2 < 0 || i0 >= in[0] || i1 >= in[1] || i2 >= in[2]) continue;
-            acc += (int32_t)xc[((long)i0 * in[1] + i1) * in[2] + i2] - zx;
-            ++cnt;
-          }
-        }
-      }
-      cnt = include_pad ? padded : cnt;
+                        int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)"""
+QAVG = _QAVG_SIGNATURE + pool_body(
+    "XT",
+    "YT",
+    "int32_t acc = 0;",
+    """            acc += (int32_t)xc[((long)i0 * in[1] + i1) * in[2] + i2] - zx;
+            ++cnt;""",
+    """      cnt = include_pad ? padded : cnt;
       yc[((long)o0 * out[1] + o1) * out[2] + o2] =
-          (YT)gp_requant_clamp(acc, qm[cnt], qs[cnt], zy, qmin, qmax);
-    }
-  }
-}
-"""
+          (YT)gp_requant_clamp(acc, qm[cnt], qs[cnt], zy, qmin, qmax);""",
+)
 
 
 def specialise(code: str, tag: str, xt: str, yt: str, wt: str = "int8_t") -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cgen import c_scalar, strided_copy, strides_of
+from .ctext import c_scalar, strided_copy, strides_of
 from .ir import Node, Tensor, Unsupported
 from .opbase import EmitContext, Op, const_ints, need, norm_axis, opt
 

@@ -12,9 +12,20 @@ from __future__ import annotations
 import numpy as np
 
 from . import conv_fast, csrc_float, sparse
-from .cgen import broadcast_strides, c_float, c_scalar, collapse, index_expr, loop_nest, strides_of
+from .ctext import (
+    act_args,
+    act_expr,
+    broadcast_strides,
+    c_float,
+    c_scalar,
+    collapse,
+    index_expr,
+    loop_nest,
+    strides_of,
+)
 from .ir import FLOAT, Node, Unsupported
 from .opbase import (
+    ConvGeometry,
     EmitContext,
     Op,
     broadcast_shape,
@@ -49,24 +60,6 @@ _UNSIGNED_OF = {
     "uint32_t": "uint32_t",
     "uint64_t": "uint64_t",
 }
-
-
-def act_expr(v: str, act: tuple | None) -> str:
-    """C expression applying a fused activation (``None``, ``("relu",)``, ``("clip", lo, hi)``)."""
-    if not act:
-        return v
-    if act[0] == "relu":
-        return f"({v} > 0.f ? {v} : 0.f)"
-    lo, hi = c_float(act[1]), c_float(act[2])
-    return f"(({v} < {lo} ? {lo} : {v}) > {hi} ? {hi} : ({v} < {lo} ? {lo} : {v}))"
-
-
-def act_args(act: tuple | None) -> str:
-    if not act:
-        return "0, 0.f, 0.f"
-    if act[0] == "relu":
-        return "1, 0.f, 0.f"
-    return f"2, {c_float(act[1])}, {c_float(act[2])}"
 
 
 # -- element-wise --------------------------------------------------------------------------
@@ -259,87 +252,35 @@ class Conv(Op):
         if b is not None and b.size != m:
             raise Unsupported(f"bias of {b.size} values for {m} output channels")
         p = spatial_params(node, x.shape, kernel)
-        node.extra["p"] = p
+        node.extra["geo"] = ConvGeometry.of(x.shape, w.shape, p, g)
         return [((x.shape[0], m, *p["out"]), FLOAT)]
 
     def emit(self, node, cg):
         x, w, y = (cg.t(n) for n in (node.inputs[0], node.inputs[1], node.outputs[0]))
         b = cg.t(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-        N, geo = conv_geometry(node, x.shape, w.shape)
-        C, H, W, M, OH, OW = (geo[k] for k in ("C", "H", "W", "M", "OH", "OW"))
+        geo: ConvGeometry = node.extra["geo"]
         act = node.extra.get("act")
         bias = cg.ptr(b.name) if b is not None else "0"
         if w.value is not None:
             wv = np.asarray(w.value, np.float32)
-            code = sparse.emit_conv(cg, node, geo, wv, N, cg.ptr(x.name), cg.ptr(y.name), bias)
+            code = sparse.emit_conv(cg, node, geo, wv, cg.ptr(x.name), cg.ptr(y.name), bias)
             if code is not None:
                 cg.helper("act", csrc_float.ACT)
-                return (
-                    code + f"\n  gp_act_f32({cg.ptr(y.name)}, {N * M * OH * OW}, {act_args(act)});"
-                )
+                n_out = geo.N * geo.y_size
+                return code + f"\n  gp_act_f32({cg.ptr(y.name)}, {n_out}, {act_args(act)});"
         if w.value is not None and conv_fast.applicable(geo):
-            return conv_fast.emit(cg, geo, w.value, b, N, cg.ptr(x.name), cg.ptr(y.name), act)
+            return conv_fast.emit(cg, geo, w.value, b, cg.ptr(x.name), cg.ptr(y.name), act)
         cg.helper("div", csrc_float.DIV)
         cg.helper("act", csrc_float.ACT)
         cg.helper("conv", csrc_float.CONV_GENERIC)
-        args = ", ".join(
-            str(geo[k])
-            for k in (
-                "C",
-                "H",
-                "W",
-                "M",
-                "OH",
-                "OW",
-                "KH",
-                "KW",
-                "sh",
-                "sw",
-                "dh",
-                "dw",
-                "ph",
-                "pw",
-                "G",
-            )
-        )
         return (
             f"  const float *x = {cg.ptr(x.name)};\n  float *y = {cg.ptr(y.name)};\n"
-            f"  int n;\n  for (n = 0; n < {N}; ++n) {{\n"
-            f"    gp_conv2d_f32(x + (long)n * {C * H * W}, {cg.ptr(w.name)}, {bias}, "
-            f"y + (long)n * {M * OH * OW}, {args});\n"
-            f"    gp_act_f32(y + (long)n * {M * OH * OW}, {M * OH * OW}, {act_args(act)});\n"
+            f"  int n;\n  for (n = 0; n < {geo.N}; ++n) {{\n"
+            f"    gp_conv2d_f32(x + (long)n * {geo.x_size}, {cg.ptr(w.name)}, {bias}, "
+            f"y + (long)n * {geo.y_size}, {geo.args()});\n"
+            f"    gp_act_f32(y + (long)n * {geo.y_size}, {geo.y_size}, {act_args(act)});\n"
             "  }"
         )
-
-
-def conv_geometry(node: Node, x_shape, w_shape) -> tuple[int, dict[str, int]]:
-    """(batch, geometry) of a checked Conv node as 2-d (a 1-d conv has H = KH = 1)."""
-    p = node.extra["p"]
-    one_d = len(x_shape) == 3
-    H, W = (1, x_shape[2]) if one_d else x_shape[2:]
-    OH, OW = (1, p["out"][0]) if one_d else p["out"]
-    KH, KW = (1, w_shape[2]) if one_d else w_shape[2:]
-    st = [1, *p["strides"]] if one_d else p["strides"]
-    dl = [1, *p["dilations"]] if one_d else p["dilations"]
-    pb = [0, *p["pb"]] if one_d else p["pb"]
-    geo = dict(
-        C=x_shape[1],
-        H=H,
-        W=W,
-        M=w_shape[0],
-        OH=OH,
-        OW=OW,
-        KH=KH,
-        KW=KW,
-        sh=st[0],
-        sw=st[1],
-        dh=dl[0],
-        dw=dl[1],
-        ph=pb[0],
-        pw=pb[1],
-        G=int(node.attr("group", 1)),
-    )
-    return x_shape[0], {k: int(v) for k, v in geo.items()}
 
 
 def _bias_add(

@@ -25,9 +25,10 @@ import math
 import numpy as np
 
 from . import conv_fast, csrc_float, csrc_int8, sparse
-from .cgen import c_float
+from .ctext import c_float
 from .ir import FLOAT, Node, Tensor, Unsupported
-from .opbase import Op, need, norm_axis, opt
+from .kernels_pool import window_arrays
+from .opbase import ConvGeometry, Op, need, norm_axis, opt
 
 QTYPES = {np.dtype(np.int8): ("int8_t", -128, 127), np.dtype(np.uint8): ("uint8_t", 0, 255)}
 # QuantizeLinear / DequantizeLinear also take 16-bit integers (their groups stay float)
@@ -77,11 +78,26 @@ def _qparams(node: Node, ins, x: Tensor, zp_default: np.dtype):
     return s, z, axis
 
 
-def _per_axis_loop(x: Tensor, axis: int, n_params: int) -> tuple[int, int, int]:
-    if n_params == 1 or not x.shape:
-        return 1, 1, x.size
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    return outer, x.shape[axis], int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
+def _per_axis(node: Node, cg, x: Tensor, prefix: str, body) -> str:
+    """Loops over ``x`` as ``[outer][axis][inner]`` running ``body(sv, zv)`` (C lines) on
+    element ``j``, where ``sv``/``zv`` are its scale and zero point: literals, or the per-axis
+    tables ``<prefix>_scale``/``<prefix>_zero_point`` indexed by ``c``."""
+    s, z = node.extra["s"], node.extra["z"]
+    if s.size == 1 or not x.shape:
+        outer, mid, inner = 1, 1, x.size
+    else:
+        axis = node.extra["axis"]
+        outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+        mid, inner = x.shape[axis], int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
+    ss = cg.weight(s, f"{prefix}_scale") if s.size > 1 else None
+    zs = cg.weight(z.astype(np.int32), f"{prefix}_zero_point") if z.size > 1 else None
+    sv = f"{ss}[c]" if ss else c_float(s[0])
+    zv = f"{zs}[c]" if zs else str(int(z[0]))
+    return (
+        f"  long o, c, i;\n  for (o = 0; o < {outer}; ++o)\n"
+        f"    for (c = 0; c < {mid}; ++c)\n      for (i = 0; i < {inner}; ++i) {{\n"
+        f"        const long j = (o * {mid} + c) * {inner} + i;\n" + body(sv, zv) + "      }"
+    )
 
 
 class QuantizeLinear(Op):
@@ -97,22 +113,16 @@ class QuantizeLinear(Op):
 
     def emit(self, node, cg):
         x, y = cg.t(node.inputs[0]), cg.t(node.outputs[0])
-        s, z = node.extra["s"], node.extra["z"]
         ct, lo, hi = QDQ_TYPES[y.dtype]
-        outer, mid, inner = _per_axis_loop(x, node.extra["axis"], s.size)
-        ss = cg.weight(s, "q_scale") if s.size > 1 else None
-        zs = cg.weight(z.astype(np.int32), "q_zero_point") if z.size > 1 else None
-        sv = f"{ss}[c]" if ss else c_float(s[0])
-        zv = f"{zs}[c]" if zs else str(int(z[0]))
-        return (
-            f"  const float *x = {cg.ptr(x.name)};\n  {ct} *y = {cg.ptr(y.name)};\n"
-            f"  long o, c, i;\n  for (o = 0; o < {outer}; ++o)\n"
-            f"    for (c = 0; c < {mid}; ++c)\n      for (i = 0; i < {inner}; ++i) {{\n"
-            f"        const long j = (o * {mid} + c) * {inner} + i;\n"
-            f"        const float v = rintf(x[j] / {sv}) + (float)({zv});\n"
-            f"        y[j] = ({ct})(v < {lo}.f ? {lo} : (v > {hi}.f ? {hi} : (int)v));\n"
-            "      }"
-        )
+
+        def body(sv, zv):
+            return (
+                f"        const float v = rintf(x[j] / {sv}) + (float)({zv});\n"
+                f"        y[j] = ({ct})(v < {lo}.f ? {lo} : (v > {hi}.f ? {hi} : (int)v));\n"
+            )
+
+        head = f"  const float *x = {cg.ptr(x.name)};\n  {ct} *y = {cg.ptr(y.name)};\n"
+        return head + _per_axis(node, cg, x, "q", body)
 
 
 class DequantizeLinear(Op):
@@ -126,20 +136,12 @@ class DequantizeLinear(Op):
 
     def emit(self, node, cg):
         x, y = cg.t(node.inputs[0]), cg.t(node.outputs[0])
-        s, z = node.extra["s"], node.extra["z"]
-        outer, mid, inner = _per_axis_loop(x, node.extra["axis"], s.size)
-        ss = cg.weight(s, "dq_scale") if s.size > 1 else None
-        zs = cg.weight(z.astype(np.int32), "dq_zero_point") if z.size > 1 else None
-        sv = f"{ss}[c]" if ss else c_float(s[0])
-        zv = f"{zs}[c]" if zs else str(int(z[0]))
-        return (
-            f"  const {x.ctype} *x = {cg.ptr(x.name)};\n  float *y = {cg.ptr(y.name)};\n"
-            f"  long o, c, i;\n  for (o = 0; o < {outer}; ++o)\n"
-            f"    for (c = 0; c < {mid}; ++c)\n      for (i = 0; i < {inner}; ++i) {{\n"
-            f"        const long j = (o * {mid} + c) * {inner} + i;\n"
-            f"        y[j] = (float)((int64_t)x[j] - {zv}) * {sv};\n"
-            "      }"
-        )
+
+        def body(sv, zv):
+            return f"        y[j] = (float)((int64_t)x[j] - {zv}) * {sv};\n"
+
+        head = f"  const {x.ctype} *x = {cg.ptr(x.name)};\n  float *y = {cg.ptr(y.name)};\n"
+        return head + _per_axis(node, cg, x, "dq", body)
 
 
 # -- integer kernels (created by lower_qdq only) ---------------------------------------------
@@ -155,79 +157,55 @@ def _helpers(cg) -> None:
     cg.helper("requant", csrc_int8.REQUANT)
 
 
+def _kernel(cg, e, kind: str, template: str) -> str:
+    """Emit ``template`` (a :mod:`.csrc_int8` kernel) specialised to the node's C types
+    (``xt``, ``wt`` when it has weights, ``yt``) once; returns its name ``gp_<kind>_<tag>``."""
+    _helpers(cg)
+    tag = "".join(_TAG[e[k]] for k in ("xt", "wt", "yt") if k in e)
+    code = csrc_int8.specialise(template, tag, e["xt"], e["yt"], e.get("wt", "int8_t"))
+    cg.helper(f"{kind}_{tag}", code)
+    return f"gp_{kind}_{tag}"
+
+
 class QConv(Op):
     def emit(self, node, cg):
         e = node.extra
         _helpers(cg)
-        geo = e["geo"]
+        geo: ConvGeometry = e["geo"]
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
         bias = cg.weight(e["bias"], "conv_bias_int32") if e["bias"] is not None else "0"
-        xs = geo["C"] * geo["H"] * geo["W"]
-        ys = geo["M"] * geo["OH"] * geo["OW"]
-        args = ", ".join(
-            str(geo[k])
-            for k in (
-                "C",
-                "H",
-                "W",
-                "M",
-                "OH",
-                "OW",
-                "KH",
-                "KW",
-                "sh",
-                "sw",
-                "dh",
-                "dw",
-                "ph",
-                "pw",
-                "G",
-            )
-        )
-        tag = _TAG[xt] + _TAG[wt] + _TAG[yt]
         q = _qargs(cg, e)
-        head = (
-            f"  const {xt} *x = {cg.ptr(node.inputs[0])};\n"
-            f"  {yt} *y = {cg.ptr(node.outputs[0])};\n  int n;\n"
-            f"  for (n = 0; n < {e['n']}; ++n)\n"
-        )
-        code = sparse.emit_conv(cg, node, geo, e["w"], e["n"], "x", "y", bias, q, (xt, wt, yt))
+        x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
+        ptrs = f"  const {xt} *x = {x};\n  {yt} *y = {y};\n"
+        code = sparse.emit_conv(cg, node, geo, e["w"], "x", "y", bias, q, (xt, wt, yt))
         if code is not None:
-            return (
-                f"  const {xt} *x = {cg.ptr(node.inputs[0])};\n"
-                f"  {yt} *y = {cg.ptr(node.outputs[0])};\n{code}"
-            )
+            return ptrs + code
         if conv_fast.pointwise(geo):
-            cg.helper(f"qpw_{tag}", csrc_int8.specialise(csrc_int8.QPW, tag, xt, yt, wt))
+            fn = _kernel(cg, e, "qpw", csrc_int8.QPW)
             w = cg.weight(conv_fast.pack(e["w"], 1, 4, e["w"].dtype).reshape(-1), "qpw_w_packed_4")
-            return (
-                head + f"    gp_qpw_{tag}(x + (long)n * {xs}, {w}, {bias}, "
-                f"y + (long)n * {ys}, {geo['C']}, {geo['M']}, {geo['H'] * geo['W']}, {q});"
-            )
-        if geo["G"] == geo["C"] == geo["M"]:
-            cg.helper(f"qdw_{tag}", csrc_int8.specialise(csrc_int8.QDW, tag, xt, yt, wt))
+            args = f"{geo.C}, {geo.M}, {geo.H * geo.W}"
+        elif geo.depthwise:
+            fn = _kernel(cg, e, "qdw", csrc_int8.QDW)
             w = cg.weight(e["w"].reshape(-1), "qdw_w")
-            dargs = ", ".join(
-                str(geo[k])
-                for k in ("C", "H", "W", "OH", "OW", "KH", "KW", "sh", "sw", "dh", "dw", "ph", "pw")
-            )
-            return (
-                head + f"    gp_qdw_{tag}(x + (long)n * {xs}, {w}, {bias}, "
-                f"y + (long)n * {ys}, {dargs}, {q});"
-            )
-        if conv_fast.applicable(geo):
-            mb = conv_fast.block_size(geo["M"] // geo["G"])
+            args = geo.args(skip=("M", "G"))
+        elif conv_fast.applicable(geo):
+            mb = conv_fast.block_size(geo.M // geo.G)
             fn, src = conv_fast.convp_source(mb, {"xt": xt, "yt": yt, "wt": wt})
             cg.helper(fn, src)
             w = cg.weight(
-                conv_fast.pack(e["w"], geo["G"], mb, e["w"].dtype).reshape(-1),
+                conv_fast.pack(e["w"], geo.G, mb, e["w"].dtype).reshape(-1),
                 f"qconv_w_packed_{mb}",
             )
+            args = geo.args()
         else:
-            fn = f"gp_qconv_{tag}"
-            cg.helper(fn, csrc_int8.specialise(csrc_int8.QCONV, tag, xt, yt, wt))
+            fn = _kernel(cg, e, "qconv", csrc_int8.QCONV)
             w = cg.weight(e["w"].reshape(-1), "qconv_w")
-        return head + f"    {fn}(x + (long)n * {xs}, {w}, {bias}, y + (long)n * {ys}, {args}, {q});"
+            args = geo.args()
+        return (
+            ptrs + f"  int n;\n  for (n = 0; n < {geo.N}; ++n)\n"
+            f"    {fn}(x + (long)n * {geo.x_size}, {w}, {bias}, y + (long)n * {geo.y_size}, "
+            f"{args}, {q});"
+        )
 
 
 class QFc(Op):
@@ -235,7 +213,6 @@ class QFc(Op):
         e = node.extra
         _helpers(cg)
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
-        tag = _TAG[xt] + _TAG[wt] + _TAG[yt]
         w = e["w"]  # [N][K]
         bias = cg.weight(e["bias"], "fc_bias_int32") if e["bias"] is not None else "0"
         x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
@@ -243,28 +220,22 @@ class QFc(Op):
         code = sparse.emit_fc(cg, node, w, e["rows"], x, y, bias, q, (xt, wt, yt))
         if code is not None:
             return code
-        cg.helper(f"qfc_{tag}", csrc_int8.specialise(csrc_int8.QFC, tag, xt, yt, wt))
+        fn = _kernel(cg, e, "qfc", csrc_int8.QFC)
         n, k = w.shape
         nb = -(-n // 32)
         wp = np.zeros((nb * 32, k), w.dtype)
         wp[:n] = w
         wp = np.ascontiguousarray(wp.reshape(nb, 32, k).transpose(0, 2, 1))
         wsym = cg.weight(wp.reshape(-1), "qfc_w_packed_32")
-        return (
-            f"  gp_qfc_{tag}({cg.ptr(node.inputs[0])}, {wsym}, {bias}, "
-            f"{cg.ptr(node.outputs[0])}, {e['rows']}, {n}, {k}, {q});"
-        )
+        return f"  {fn}({x}, {wsym}, {bias}, {y}, {e['rows']}, {n}, {k}, {q});"
 
 
 class QAdd(Op):
     def emit(self, node, cg):
         e = node.extra
-        _helpers(cg)
-        xt, yt = e["xt"], e["yt"]
-        tag = _TAG[xt] + _TAG[yt]
-        cg.helper(f"qadd_{tag}", csrc_int8.specialise(csrc_int8.QADD, tag, xt, yt))
+        fn = _kernel(cg, e, "qadd", csrc_int8.QADD)
         return (
-            f"  gp_qadd_{tag}({cg.ptr(node.inputs[0])}, {cg.ptr(node.inputs[1])}, "
+            f"  {fn}({cg.ptr(node.inputs[0])}, {cg.ptr(node.inputs[1])}, "
             f"{cg.ptr(node.outputs[0])}, {cg.t(node.outputs[0]).size}, {e['za']}, {e['zb']}, "
             f"{e['ma']}, {e['sa']}, {e['mb']}, {e['sb']}, {e['mo']}, {e['so']}, {e['zy']}, "
             f"{e['qmin']}, {e['qmax']});"
@@ -274,23 +245,10 @@ class QAdd(Op):
 class QAvgPool(Op):
     def emit(self, node, cg):
         e = node.extra
-        _helpers(cg)
-        xt, yt = e["xt"], e["yt"]
-        tag = _TAG[xt] + _TAG[yt]
-        cg.helper(f"qavg_{tag}", csrc_int8.specialise(csrc_int8.QAVG, tag, xt, yt))
+        fn = _kernel(cg, e, "qavg", csrc_int8.QAVG)
         x = cg.t(node.inputs[0])
-
-        def three(v, fill):
-            return "{" + ", ".join(str(int(a)) for a in [fill] * (3 - len(v)) + list(v)) + "}"
-
-        p = e["p"]
-        return (
-            f"  static const int in_[3] = {three(x.shape[2:], 1)}, out_[3] = "
-            f"{three(p['out'], 1)}, k_[3] = {three(p['kernel'], 1)};\n"
-            f"  static const int s_[3] = {three(p['strides'], 1)}, d_[3] = "
-            f"{three(p['dilations'], 1)}, pb_[3] = {three(p['pb'], 0)}, "
-            f"pe_[3] = {three(p['pe'], 0)};\n"
-            f"  gp_qavg_{tag}({cg.ptr(x.name)}, {cg.ptr(node.outputs[0])}, "
+        return window_arrays(x.shape, e["p"]) + (
+            f"  {fn}({cg.ptr(x.name)}, {cg.ptr(node.outputs[0])}, "
             f"{x.shape[0] * x.shape[1]}, in_, out_, k_, s_, d_, pb_, pe_, "
             f"{e['include_pad']}, {_qargs(cg, e)});"
         )

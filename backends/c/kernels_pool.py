@@ -5,10 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from . import csrc_float
-from .cgen import broadcast_strides, c_float, collapse, index_expr, loop_nest, strides_of
+from .ctext import broadcast_strides, c_float, collapse, index_expr, loop_nest, strides_of
 from .ir import FLOAT, Unsupported
 from .kernels_float import NUMERIC
 from .opbase import Op, const_ints, float_only, need, norm_axis, spatial_params
+
+
+def window_arrays(x_shape, p: dict[str, list[int]]) -> str:
+    """C declarations of a pooling window (``p`` from :func:`~.opbase.spatial_params` plus
+    ``kernel``) as the 3-d arrays ``in_, out_, k_, s_, d_, pb_, pe_`` the N-d pooling kernels
+    take: sizes, kernel, strides, dilations and pads; unused leading axes get size 1, pad 0."""
+
+    def three(v, fill):
+        return "{" + ", ".join(str(int(a)) for a in [fill] * (3 - len(v)) + list(v)) + "}"
+
+    return (
+        f"  static const int in_[3] = {three(x_shape[2:], 1)}, out_[3] = "
+        f"{three(p['out'], 1)}, k_[3] = {three(p['kernel'], 1)};\n"
+        f"  static const int s_[3] = {three(p['strides'], 1)}, d_[3] = "
+        f"{three(p['dilations'], 1)}, pb_[3] = {three(p['pb'], 0)}, "
+        f"pe_[3] = {three(p['pe'], 0)};\n"
+    )
 
 
 class Pool(Op):
@@ -37,11 +54,6 @@ class Pool(Op):
     def emit(self, node, cg):
         x, y = cg.t(node.inputs[0]), cg.t(node.outputs[0])
         p = node.extra["p"]
-        nd = len(p["kernel"])
-
-        def three(v, fill):
-            return "{" + ", ".join(str(int(a)) for a in [fill] * (3 - nd) + list(v)) + "}"
-
         kind = 0 if self.kind == "max" else (2 if int(node.attr("count_include_pad", 0)) else 1)
         t = x.ctype
         acc = "double" if t == "double" else ("float" if t == "float" else t)
@@ -49,12 +61,7 @@ class Pool(Op):
             csrc_float.POOL.replace("{T}", t).replace("{ACC}", acc).replace("{INIT}", f"({acc})0")
         )
         cg.helper(f"pool_{t}", code)
-        return (
-            f"  static const int in_[3] = {three(x.shape[2:], 1)}, out_[3] = "
-            f"{three(p['out'], 1)}, k_[3] = {three(p['kernel'], 1)};\n"
-            f"  static const int s_[3] = {three(p['strides'], 1)}, d_[3] = "
-            f"{three(p['dilations'], 1)}, pb_[3] = {three(p['pb'], 0)}, "
-            f"pe_[3] = {three(p['pe'], 0)};\n"
+        return window_arrays(x.shape, p) + (
             f"  gp_pool_{t}({cg.ptr(x.name)}, {cg.ptr(y.name)}, {x.shape[0] * x.shape[1]}, "
             f"in_, out_, k_, s_, d_, pb_, pe_, {kind});"
         )

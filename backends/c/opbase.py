@@ -1,8 +1,11 @@
-"""The op interface every kernel table entry implements, and the context kernels emit into."""
+"""The op interface every kernel table entry implements, the context kernels emit into, the
+helpers their ``infer`` shares (window arithmetic, broadcasting, constant inputs) and the
+convolution geometry every conv kernel takes (:class:`ConvGeometry`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -139,3 +142,70 @@ def spatial_params(
             raise Unsupported(f"output size {o} < 1 along spatial axis {i}")
         out.append(o)
     return {"strides": strides, "dilations": dil, "pb": pb, "pe": pe, "out": out}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A checked Conv node's sizes, as 2-d (a 1-d conv has ``H = OH = KH = 1``): the batch
+    ``N``, then the argument list every C convolution kernel takes, in order: input channels
+    and size ``C, H, W``, output channels and size ``M, OH, OW``, kernel ``KH, KW``, strides
+    ``sh, sw``, dilations ``dh, dw``, begin pads ``ph, pw`` and groups ``G``.
+
+    Built once by the Conv op's ``infer`` (``node.extra["geo"]``); the float, packed, sparse
+    and int8 kernels all read it."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    M: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    ph: int
+    pw: int
+    G: int
+
+    @classmethod
+    def of(
+        cls, x_shape: Sequence[int], w_shape: Sequence[int], p: dict[str, list[int]], group: int
+    ) -> ConvGeometry:
+        """From the input and weight shapes, :func:`spatial_params` and the group count."""
+        if len(x_shape) == 3:  # 1-d: a 1 x W image
+            hw, out, kernel = (1, x_shape[2]), (1, *p["out"]), (1, w_shape[2])
+            st, dl, pb = (1, *p["strides"]), (1, *p["dilations"]), (0, *p["pb"])
+        else:
+            hw, out, kernel = x_shape[2:], p["out"], w_shape[2:]
+            st, dl, pb = p["strides"], p["dilations"], p["pb"]
+        values = (x_shape[0], x_shape[1], *hw, w_shape[0], *out, *kernel, *st, *dl, *pb, group)
+        return cls(*(int(v) for v in values))
+
+    def args(self, skip: Sequence[str] = ()) -> str:
+        """The C argument list ``C, H, W, M, OH, OW, KH, KW, sh, sw, dh, dw, ph, pw, G`` as
+        literals, without the names in ``skip`` (kernels with those sizes built in)."""
+        names = [f.name for f in fields(self)][1:]
+        unknown = set(skip) - set(names)
+        if unknown:
+            raise ValueError(f"not convolution arguments: {sorted(unknown)}")
+        names = [f for f in names if f not in skip]
+        return ", ".join(str(getattr(self, f)) for f in names)
+
+    @property
+    def x_size(self) -> int:
+        """Elements of one image of the input (``C * H * W``)."""
+        return self.C * self.H * self.W
+
+    @property
+    def y_size(self) -> int:
+        """Elements of one image of the output (``M * OH * OW``)."""
+        return self.M * self.OH * self.OW
+
+    @property
+    def depthwise(self) -> bool:
+        """One input and one output channel per group."""
+        return self.G == self.C == self.M

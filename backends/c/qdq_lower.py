@@ -15,7 +15,6 @@ from collections import defaultdict
 import numpy as np
 
 from .ir import Node, Program, Tensor, Unsupported
-from .kernels_float import conv_geometry
 from .kernels_int8 import QTYPES, _multipliers, quantize_multiplier
 
 log = logging.getLogger(__name__)
@@ -185,6 +184,16 @@ def _fused(removed) -> str | None:
     return acts[0] if acts else None
 
 
+def _lower(prog, node, op: str, inputs: list[str], src, sink, ms, **fields) -> bool:
+    """Replace ``node`` and its sink (activation, QuantizeLinear) by one integer ``op`` node
+    reading ``inputs``; ``ms`` are the requantisation multipliers, ``fields`` go to ``extra``."""
+    extra = _common(src, sink, ms)
+    extra.update(fields, fused=_fused(sink[0]))
+    new = Node(op, node.name, inputs, [sink[1]], node.attrs, node.opset, extra)
+    _replace(prog, node, new, sink[0])
+    return True
+
+
 def _conv(prog, node, prod, cons):
     src = _src(prog, prod, node.inputs[0])
     w = prog.t(node.inputs[1])
@@ -200,16 +209,8 @@ def _conv(prog, node, prod, cons):
     warr, sw, wt = iw
     sx, sy = src[1], sink[2]
     bias = _int_bias(prog, node.inputs[2] if len(node.inputs) > 2 else "", sx * sw)
-    n, geo = conv_geometry(node, prog.t(node.inputs[0]).shape, w.shape)
-    extra = _common(src, sink, sx * sw / sy)
-    extra.update(geo=geo, n=n, w=warr, bias=bias, wt=wt, fused=_fused(sink[0]))
-    _replace(
-        prog,
-        node,
-        Node("QConv_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
-        sink[0],
-    )
-    return True
+    fields = dict(geo=node.extra["geo"], w=warr, bias=bias, wt=wt)
+    return _lower(prog, node, "QConv_i8", [src[0]], src, sink, sx * sw / sy, **fields)
 
 
 def _fc(prog, node, prod, cons):
@@ -243,21 +244,9 @@ def _fc(prog, node, prod, cons):
         return False
     sx, sy = src[1], sink[2]
     x = prog.t(node.inputs[0])
-    extra = _common(src, sink, sx * sw / sy)
-    extra.update(
-        w=warr,
-        bias=_int_bias(prog, c_name, sx * sw),
-        wt=wt,
-        rows=x.size // x.shape[-1],
-        fused=_fused(sink[0]),
-    )
-    _replace(
-        prog,
-        node,
-        Node("QFc_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
-        sink[0],
-    )
-    return True
+    bias = _int_bias(prog, c_name, sx * sw)
+    fields = dict(w=warr, bias=bias, wt=wt, rows=x.size // x.shape[-1])
+    return _lower(prog, node, "QFc_i8", [src[0]], src, sink, sx * sw / sy, **fields)
 
 
 def _add(prog, node, prod, cons):
@@ -271,20 +260,11 @@ def _add(prog, node, prod, cons):
         return False
     sa, sb, sy = a[1], b[1], sink[2]
     twice = 2.0 * max(sa, sb)
-    extra = _common(a, sink, [1.0])
     ma, sha = quantize_multiplier(sa / twice)
     mb, shb = quantize_multiplier(sb / twice)
     mo, sho = quantize_multiplier(twice / ((1 << 20) * sy))
-    extra.update(
-        za=a[2], zb=b[2], ma=ma, sa=sha, mb=mb, sb=shb, mo=mo, so=sho, fused=_fused(sink[0])
-    )
-    _replace(
-        prog,
-        node,
-        Node("QAdd_i8", node.name, [a[0], b[0]], [sink[1]], node.attrs, node.opset, extra),
-        sink[0],
-    )
-    return True
+    fields = dict(za=a[2], zb=b[2], ma=ma, sa=sha, mb=mb, sb=shb, mo=mo, so=sho)
+    return _lower(prog, node, "QAdd_i8", [a[0], b[0]], a, sink, [1.0], **fields)
 
 
 def _avg(prog, node, prod, cons):
@@ -314,15 +294,7 @@ def _avg(prog, node, prod, cons):
     most = int(np.prod(p["kernel"], dtype=np.int64))
     scale = src[1] / sink[2]
     ms = [0.0] + [scale / c for c in range(1, most + 1)]
-    extra = _common(src, sink, ms)
-    extra.update(p=p, include_pad=include, fused=_fused(sink[0]))
-    _replace(
-        prog,
-        node,
-        Node("QAvgPool_i8", node.name, [src[0]], [sink[1]], node.attrs, node.opset, extra),
-        sink[0],
-    )
-    return True
+    return _lower(prog, node, "QAvgPool_i8", [src[0]], src, sink, ms, p=p, include_pad=include)
 
 
 def _transparent(prog, node, prod, cons):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .opbase import ConvGeometry
+
 #: a layer is stored sparse only if at least this fraction of its weights are zero
 MIN_ZERO_FRACTION = 0.5
 
@@ -239,37 +241,41 @@ def fc_source(enc: Encoded, types: tuple[str, str, str] | None = None):
 
 
 # -- emission ----------------------------------------------------------------------------------
-_GEO = ("C", "H", "W", "M", "OH", "OW", "sh", "sw", "dh", "dw", "ph", "pw", "G")
-
-
-def _use(cg, node_name: str, w: np.ndarray) -> Encoded | None:
+def _stream(cg, node_name: str, w: np.ndarray, source) -> tuple[str, str] | None:
+    """When ``w`` is best stored sparse: emit its entry stream, the helpers and the kernel
+    ``source(enc)`` returns, and record the layer for the report; ``(kernel name, "values,
+    gaps, entries" arguments)``. ``None`` when dense is smaller or sparse storage is off."""
     if not getattr(cg, "sparse", True):
         return None
     enc = best(w)
-    if enc is not None:
-        for key, code in helpers(enc.bits).items():
-            cg.helper(key, code)
-        layers = getattr(cg, "sparse_layers", None)
-        if layers is not None:
-            layers.append(
-                {
-                    "node": node_name,
-                    "weights": int(w.size),
-                    "nonzero": int(np.count_nonzero(w)),
-                    "gap_bits": enc.bits,
-                    "bytes": enc.nbytes,
-                    "dense_bytes": int(w.nbytes),
-                }
-            )
-    return enc
+    if enc is None:
+        return None
+    for key, code in helpers(enc.bits).items():
+        cg.helper(key, code)
+    layers = getattr(cg, "sparse_layers", None)
+    if layers is not None:
+        layers.append(
+            {
+                "node": node_name,
+                "weights": int(w.size),
+                "nonzero": int(np.count_nonzero(w)),
+                "gap_bits": enc.bits,
+                "bytes": enc.nbytes,
+                "dense_bytes": int(w.nbytes),
+            }
+        )
+    fn, code = source(enc)
+    cg.helper(fn, code)
+    vals = cg.weight(enc.values, "sparse_values")
+    gaps = cg.weight(enc.gaps, f"sparse_gaps{enc.bits}")
+    return fn, f"{vals}, {gaps}, {enc.entries}L"
 
 
 def emit_conv(
     cg,
     node,
-    geo: dict,
+    geo: ConvGeometry,
     w: np.ndarray,
-    n: int,
     x: str,
     y: str,
     b: str,
@@ -278,19 +284,15 @@ def emit_conv(
 ) -> str | None:
     """C statements for a conv whose constant weights ``w`` are stored sparse, or ``None``
     when dense storage is smaller. ``q`` carries the int8 requantisation arguments."""
-    enc = _use(cg, node.name, w)
-    if enc is None:
+    stream = _stream(cg, node.name, w, lambda enc: conv_source(enc, geo.KH, geo.KW, types))
+    if stream is None:
         return None
-    fn, code = conv_source(enc, geo["KH"], geo["KW"], types)
-    cg.helper(fn, code)
-    vals = cg.weight(enc.values, "sparse_values")
-    gaps = cg.weight(enc.gaps, f"sparse_gaps{enc.bits}")
-    xs, ys = geo["C"] * geo["H"] * geo["W"], geo["M"] * geo["OH"] * geo["OW"]
-    args = ", ".join(str(geo[k]) for k in _GEO) + (f", {q}" if q else "")
+    fn, data = stream
+    args = geo.args(skip=("KH", "KW")) + (f", {q}" if q else "")
     return (
-        f"  int n;\n  for (n = 0; n < {n}; ++n)\n"
-        f"    {fn}({x} + (long)n * {xs}, {vals}, {gaps}, {enc.entries}L, {b}, "
-        f"{y} + (long)n * {ys}, {args});"
+        f"  int n;\n  for (n = 0; n < {geo.N}; ++n)\n"
+        f"    {fn}({x} + (long)n * {geo.x_size}, {data}, {b}, "
+        f"{y} + (long)n * {geo.y_size}, {args});"
     )
 
 
@@ -307,13 +309,10 @@ def emit_fc(
 ) -> str | None:
     """C statements for ``y[rows][N] = x[rows][K]·Wᵀ (+ b)`` with ``w`` of shape ``[N][K]``
     stored sparse, or ``None`` when dense storage is smaller."""
-    enc = _use(cg, node.name, w)
-    if enc is None:
+    stream = _stream(cg, node.name, w, lambda enc: fc_source(enc, types))
+    if stream is None:
         return None
-    fn, code = fc_source(enc, types)
-    cg.helper(fn, code)
-    vals = cg.weight(enc.values, "sparse_values")
-    gaps = cg.weight(enc.gaps, f"sparse_gaps{enc.bits}")
+    fn, data = stream
     n_out, k = w.shape
     tail = f", {q}" if q else ""
-    return f"  {fn}({x}, {vals}, {gaps}, {enc.entries}L, {b}, {y}, {rows}, {n_out}, {k}{tail});"
+    return f"  {fn}({x}, {data}, {b}, {y}, {rows}, {n_out}, {k}{tail});"

@@ -1,4 +1,7 @@
-"""Small C-text helpers shared by the kernel tables: literals, strides, loop nests."""
+"""Small C-text helpers shared by the kernel tables: literals, strides, index expressions,
+loop nests, strided copies, and the fused-activation expressions and arguments.
+
+(:mod:`.codegen` assembles whole ``.h``/``.c`` files from the kernels' statements.)"""
 
 from __future__ import annotations
 
@@ -165,3 +168,24 @@ def c_array_body(arr: np.ndarray, per_line: int = 8) -> str:
 
 def int_list(values: Sequence[int]) -> str:
     return "{" + ", ".join(str(int(v)) for v in values) + "}"
+
+
+# -- fused activations: None, ("relu",) or ("clip", lo, hi) ---------------------------------
+def act_expr(v: str, act: tuple | None) -> str:
+    """C expression applying a fused activation to the expression ``v``."""
+    if not act:
+        return v
+    if act[0] == "relu":
+        return f"({v} > 0.f ? {v} : 0.f)"
+    lo, hi = c_float(act[1]), c_float(act[2])
+    return f"(({v} < {lo} ? {lo} : {v}) > {hi} ? {hi} : ({v} < {lo} ? {lo} : {v}))"
+
+
+def act_args(act: tuple | None) -> str:
+    """The ``int act, float lo, float hi`` arguments of the C helpers that apply a fused
+    activation (``gp_act_f32``, the packed and pointwise convolutions): 0 none, 1 relu, 2 clip."""
+    if not act:
+        return "0, 0.f, 0.f"
+    if act[0] == "relu":
+        return "1, 0.f, 0.f"
+    return f"2, {c_float(act[1])}, {c_float(act[2])}"

@@ -1,0 +1,87 @@
+"""``backends/c/conv_fast.py`` without a compiler: the weight packing, the block size, when
+the packed and the pointwise kernels apply, and the specialised C source."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from graphopt.backends.c import conv_fast
+from graphopt.backends.c.opbase import ConvGeometry
+
+
+def test_pack_layout_known_answer():
+    # M=3 output channels, 2 inputs per group, 1x2 kernel, one group, blocks of 2 channels
+    w = np.arange(12, dtype=np.float32).reshape(3, 2, 1, 2) + 1
+    p = conv_fast.pack(w, groups=1, mb=2)
+    assert p.shape == (1, 2, 2, 2, 2)  # [G][blocks][C/G][taps][MB]
+    assert p.flags.c_contiguous and p.dtype == np.float32
+    taps = w.reshape(3, 2, 2)
+    for c in range(2):
+        for t in range(2):
+            assert list(p[0, 0, c, t]) == [taps[0, c, t], taps[1, c, t]]
+            assert list(p[0, 1, c, t]) == [taps[2, c, t], 0]  # padded past M
+    # flat: the MB weights one input tap meets are consecutive
+    assert list(p.reshape(-1)[:4]) == [1, 5, 2, 6]
+
+
+@pytest.mark.parametrize("groups, mb", [(1, 8), (2, 4), (4, 8), (3, 16)])
+def test_pack_keeps_every_weight_once(groups, mb):
+    rng = np.random.default_rng(groups * mb)
+    m, cg = 12, 3
+    w = rng.integers(-100, 100, size=(m, cg, 3, 3)).astype(np.int8)
+    p = conv_fast.pack(w, groups, mb, w.dtype)
+    assert p.dtype == np.int8
+    mg, nb = m // groups, -(-(m // groups) // mb)
+    assert p.shape == (groups, nb, cg, 9, mb)
+    for o in range(m):
+        g, r = divmod(o, mg)
+        blk, i = divmod(r, mb)
+        np.testing.assert_array_equal(p[g, blk, :, :, i], w[o].reshape(cg, 9))
+    assert np.count_nonzero(p) == np.count_nonzero(w)
+
+
+@pytest.mark.parametrize(
+    "mg, mb",
+    [(64, 32), (32, 32), (48, 16), (16, 16), (36, 8), (40, 8), (8, 8), (4, 8), (60, 32)],
+)
+def test_block_size_wastes_at_most_an_eighth(mg, mb):
+    assert conv_fast.block_size(mg) == mb
+    if mb > 8:
+        assert -(-mg // mb) * mb - mg <= mg // 8
+
+
+def _geo(**kw) -> ConvGeometry:
+    base = dict(N=1, C=16, H=8, W=8, M=32, OH=8, OW=8, KH=1, KW=1, sh=1, sw=1, dh=1, dw=1)
+    return ConvGeometry(**{**base, "ph": 0, "pw": 0, "G": 1, **kw})
+
+
+def test_pointwise_needs_a_plain_1x1_conv_over_two_tiles():
+    assert conv_fast.pointwise(_geo())
+    assert not conv_fast.pointwise(_geo(H=7, OH=7))  # 49 pixels < 2 * NR
+    assert not conv_fast.pointwise(_geo(KH=3, KW=3))
+    assert not conv_fast.pointwise(_geo(sh=2, OH=4))
+    assert not conv_fast.pointwise(_geo(pw=1))
+    assert not conv_fast.pointwise(_geo(G=2))
+
+
+def test_packed_conv_applies_unless_groups_are_thin():
+    assert conv_fast.applicable(_geo())
+    assert conv_fast.applicable(_geo(G=8))  # 4 output channels per group
+    assert not conv_fast.applicable(_geo(G=16))  # 2 per group
+    assert not conv_fast.applicable(_geo(C=32, G=32))  # depthwise
+
+
+def test_convp_source_float_and_int8():
+    name, src = conv_fast.convp_source(16)
+    assert name == "gp_convp_f32_16"
+    assert "@" not in src and f"static void {name}(" in src
+    assert "acc[8][16]" in src  # PB x MB accumulators
+    name, src = conv_fast.convp_source(8, {"xt": "uint8_t", "wt": "int8_t", "yt": "int8_t"})
+    assert name == "gp_convp_u8s8s8_8"
+    assert "@" not in src and "int32_t acc[8][8]" in src
+    assert "gp_requant_clamp" in src and "- zx)" in src
+    # three functions, each defined once
+    assert len(re.findall(r"^static void ", src, re.M)) == 3

@@ -17,4 +17,13 @@ def builtin_passes() -> list[type]:
     from .remove_identity import RemoveIdentity
     from .sparsify import Sparsify
 
-    return [FoldBatchNorm, FoldPad, DeadCodeElimination, RemoveIdentity, Prune, Distill, Sparsify, QDQ]
+    return [
+        FoldBatchNorm,
+        FoldPad,
+        DeadCodeElimination,
+        RemoveIdentity,
+        Prune,
+        Distill,
+        Sparsify,
+        QDQ,
+    ]

@@ -48,7 +48,6 @@ _FUNCTIONAL: dict[Any, tuple[int, float, int, bool]] = {
 _KW_NAMES = {torch.dropout: ("p", "train")}
 
 
-
 def _functional() -> dict[Any, tuple[int, float, int, bool]]:
     """The table, with torchvision's ``stochastic_depth`` when torchvision is loaded (a model
     that calls it has imported it; graphopt does not pay torchvision's import otherwise)."""

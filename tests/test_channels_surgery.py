@@ -145,3 +145,28 @@ def test_apply_plan_refuses_foreign_documents():
     doc = plan_document([[{"owner": "nope", "param": "weight", "dim": 0, "removed": [0]}]])
     with pytest.raises(GraphoptError, match="no module 'nope'"):
         apply_plan(Mixed(), doc)
+
+
+def test_a_plan_made_after_fold_bn_says_what_to_run_first(tmp_path):
+    import json
+
+    import graphopt
+    from graphopt.errors import GraphoptError
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)
+        ).eval()
+
+    g = graphopt.trace(net(), torch.randn(1, 3, 10, 10))
+    graphopt.Pipeline.parse("fold-bn,prune(ratio=0.5),dce").run(g, out_dir=tmp_path)
+    plan = json.loads((tmp_path / "prune_plan.json").read_text())
+    with pytest.raises(GraphoptError, match=r"'0\.bias'.*fold-bn.*compress"):
+        apply_plan(net(), plan)
+    folded = graphopt.compress(net(), "fold-bn", example_inputs=torch.randn(1, 3, 10, 10))
+    apply_plan(folded.graph.module, plan)  # the advice works
+    assert (
+        folded.graph.module.get_submodule("0").out_channels
+        == g.module.get_submodule("0").out_channels
+    )

@@ -10,6 +10,8 @@ import graphopt
 from graphopt.passes.qdq.adaround import adaround_layer
 from graphopt.quant.modules import QATConv
 
+from .test_qdq_sensitivity import Net  # a 3-layer conv net
+
 
 def test_learned_rounding_beats_nearest_on_a_layer():
     torch.manual_seed(0)
@@ -24,17 +26,6 @@ def test_learned_rounding_beats_nearest_on_a_layer():
     torch.testing.assert_close(layer.current_weight_scale(), scale)  # scales unchanged
     steps = layer.weight / scale.reshape(-1, 1, 1, 1)
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)  # on the int grid
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
 
 
 def test_qdq_rounding_adaround_runs_and_reports(tmp_path):

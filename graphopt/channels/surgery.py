@@ -89,11 +89,20 @@ def apply_plan(model: nn.Module, plan: dict[str, Any] | str | Path) -> nn.Module
     for rnd in plan["rounds"]:
         for e in rnd["members"]:
             try:
-                (model.get_submodule(e["owner"]) if e["owner"] else model)
+                mod = model.get_submodule(e["owner"]) if e["owner"] else model
             except AttributeError as err:
                 raise GraphoptError(
                     f"apply_plan: the model has no module {e['owner']!r}; is it the same architecture?"
                 ) from err
+            if not isinstance(getattr(mod, e["param"], None), torch.Tensor):
+                name = f"{e['owner']}.{e['param']}" if e["owner"] else e["param"]
+                raise GraphoptError(
+                    f"apply_plan: the plan prunes {name!r}, which this model does not have: the "
+                    "plan was made on a graph that earlier passes changed (fold-bn gives a conv "
+                    "the bias of the BatchNorm it absorbs). Run those passes first, e.g. "
+                    "graphopt.compress(model, 'fold-bn', example_inputs=x).graph.module, and "
+                    "apply the plan to that"
+                )
         apply_members(model, rnd["members"])
     return model
 

@@ -391,6 +391,14 @@ class Prune(Pass):
                 f"prunable channels; params {params0:,} -> {params1:,}"
             ),
         }
+        if ratio > opts.max_ratio and opts.target is None:
+            report["capped"] = (
+                f"ratio={ratio} asks for more than max-ratio={opts.max_ratio} of any group's "
+                f"channels; each group lost at most {opts.max_ratio:.0%} (raise max-ratio to go "
+                "further)"
+            )
+            report["summary"] += f"; capped at max-ratio={opts.max_ratio}"
+            log.warning("prune: %s", report["capped"])
         if search is not None:
             report["target_search"] = search
         if between:

@@ -713,3 +713,11 @@ def test_between_runs_distillation_between_rounds():
         graphopt.Pipeline.parse('prune(between="distill")')
     with pytest.raises(DataError, match="'prune' needs data"):
         graphopt.compress(model, text, example_inputs=x)
+
+
+def test_a_ratio_above_max_ratio_is_capped_and_says_so():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)).eval()
+    g = graphopt.trace(model, torch.randn(1, 3, 10, 10))
+    rep = graphopt.Pipeline.parse("prune(ratio=0.95)").run(g).reports[0].details
+    assert "capped at max-ratio" in rep["summary"] and "max-ratio" in rep["capped"]
+    assert g.module.get_submodule("0").out_channels == 16 - int(16 * 0.9)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .optypes import BATCHNORM, CONV
 
 log = logging.getLogger(__name__)
@@ -95,46 +95,36 @@ def export_graph_module(
     """Export ``model`` (the caller's deep copy) called with ``tensors`` (by name) and ``bound``
     constants, and lift it. Returns the GraphModule (taking the tensors positionally) and
     the names of its outputs."""
-    root = model
     kwargs = dict(bound)
     batch2 = {n: _batch_of_two(t) for n, t in tensors}
     dims = {n: ({0: torch.export.Dim.AUTO} if t.dim() else None) for n, t in tensors}
     try:
         ep = torch.export.export(
-            root, (), {**kwargs, **batch2}, dynamic_shapes={**dims, **{k: None for k in kwargs}}
+            model, (), {**kwargs, **batch2}, dynamic_shapes={**dims, **{k: None for k in kwargs}}
         )
     except Exception as first:
         log.info("export with a dynamic batch failed (%s); exporting static shapes", first)
         try:
-            ep = torch.export.export(root, (), {**kwargs, **dict(tensors)})
+            ep = torch.export.export(model, (), {**kwargs, **dict(tensors)})
         except Exception as e:
-            raise TraceError(f"torch.export: {_first_line(e)}") from e
+            raise TraceError(f"torch.export: {first_line(e)}") from e
     gm = ep.module()
-    names = [n for n, _ in tensors]
-    out_names = _output_names(model, tensors, bound)
-    lifted = lift(gm, root)
-    _positional_inputs(lifted, gm, names, bound)
-    return lifted, out_names
+    lifted = lift(gm, model)
+    _positional_inputs(lifted, gm, [n for n, _ in tensors], bound)
+    return lifted, _output_names(gm)
 
 
 def _batch_of_two(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _output_names(model, tensors, bound) -> list[str]:
-    """``last_hidden_state``-style names for dict/ModelOutput outputs, else empty."""
-    try:
-        with torch.no_grad():
-            out = model(**dict(tensors), **bound)
-    except Exception:  # pragma: no cover - the export already ran it
-        return []
-    if isinstance(out, dict):
-        return [str(k) for k, v in out.items() if v is not None]
+def _output_names(exported: fx.GraphModule) -> list[str]:
+    """``last_hidden_state``-style names of a dict/ModelOutput output (the keys its pytree
+    spec keeps, ``None`` fields left out), else empty."""
+    spec = getattr(exported, "_out_spec", None)
+    keys = getattr(spec, "context", None)
+    if isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys):
+        return list(keys)
     return []
 
 
@@ -224,7 +214,6 @@ def _bias_ok(arg: Any, path: str, mod: nn.Module) -> bool:
 def _lift_layer(graph: fx.Graph, node: fx.Node, root: nn.Module) -> bool:
     """Replace a layer op by ``call_module`` of the module owning its weight, if it is one."""
     t, a = node.target, node.args
-    x, owner, extra = None, None, ()
     if t is aten.linear.default:
         owner = _param_owner(a[1], root)
         ok = owner and type(owner[1]) is nn.Linear and _bias_ok(_get(a, 2), *owner)
@@ -260,7 +249,6 @@ def _lift_layer(graph: fx.Graph, node: fx.Node, root: nn.Module) -> bool:
         return False
     if not ok or node.kwargs:
         return False
-    del extra
     path = owner[0]
     with graph.inserting_before(node):
         new = graph.call_module(path, (x,))

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import DataError, TraceError
+from .errors import DataError, TraceError, first_line
 from .graph import TRACE_META, Graph, NodeMeta
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() expects a torch.nn.Module, got {type(model).__name__}")
+    if frontend not in ("auto", "fx", "export"):
+        raise TraceError(f"unknown frontend {frontend!r}; use auto, fx or export")
     args, kwargs = _split_inputs(example_inputs)
     tensors, bound, order = _bind(model, args, kwargs)
     try:
@@ -260,8 +262,6 @@ def trace(
     except Exception as e:  # pragma: no cover - exotic modules
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
 
-    if frontend not in ("auto", "fx", "export"):
-        raise TraceError(f"unknown frontend {frontend!r}; use auto, fx or export")
     leaves = list(leaf_modules)
     failures: list[str] = []
     fx_error: TraceError | None = None
@@ -345,7 +345,7 @@ def _trace_fx(
             error = _trace_error(model, e, path)
             if strict or not path or path in leaves or len(auto) >= MAX_AUTO_LEAVES:
                 raise error from e
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             auto.append({"module": path, "reason": reason, "source": error.source or ""})
             log.info("trace: %s made a leaf (%s)", path, reason)
             leaves.append(path)
@@ -366,7 +366,7 @@ def _dict_output_names(gm: fx.GraphModule) -> list[str]:
 def _trace_error(model: torch.nn.Module, e: BaseException, path: str | None) -> TraceError:
     where = f"module {path!r}" if path else f"the top-level {type(model).__name__}.forward"
     src = _user_frame(e)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     hint = (
         f"pass leaf_modules=[{path!r}] (CLI: --leaf {path}) to keep it opaque"
         if path

@@ -60,6 +60,9 @@ def test_hf_models_trace_exactly_and_at_other_batch_sizes(hf_model):
     rep = g.trace_report
     assert rep["frontend"] == "export", rep
     assert rep["fallbacks"] and rep["fallbacks"][0].startswith("fx:")  # fx was tried first
+    with torch.no_grad():
+        out = model(*inputs)
+    assert rep["outputs"] == [k for k, v in out.items() if v is not None]  # ONNX output names
     layers = [n for n in g.nodes if n.op == "call_module"]
     assert any(
         isinstance(g.submodule(n.target), nn.Linear)

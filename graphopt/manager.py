@@ -402,9 +402,9 @@ def _all_finite(out: Any) -> bool:
 
 def _nonfinite_message(graph: Graph, inputs) -> str:
     """Which node of the model as given first computes NaN/Inf, before any pass ran."""
-    values = _record(graph, inputs)
     if not all(_all_finite(t) for t in inputs):
         return "the verification batch holds NaN/Inf: clean the data before compressing"
+    values = _record(graph, inputs)
     for n in graph.module.graph.nodes:
         v = values.get(n.name)
         if v is not None and not _all_finite(v):

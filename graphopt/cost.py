@@ -137,7 +137,7 @@ def _shape_macs(path: str, out: dict[str, int]):
         if not isinstance(x, torch.Tensor):
             return
         if isinstance(mod, tuple(_RNN_GATES)):
-            gates = _RNN_GATES[type(mod)] if type(mod) in _RNN_GATES else 1
+            gates = next(g for cls, g in _RNN_GATES.items() if isinstance(mod, cls))
             steps = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
             dirs = 2 if mod.bidirectional else 1
             h = mod.hidden_size

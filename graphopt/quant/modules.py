@@ -124,7 +124,11 @@ class _QATWeighted(nn.Module):
     scale follows the weights (``max|W| / qmax``, no gradient); with it, an LSQ parameter."""
 
     def __init__(
-        self, layer: nn.Module, per_channel: bool, learnable: bool, weight_qmax: int = 127
+        self,
+        layer: nn.Module,
+        per_channel: bool = True,
+        learnable: bool = False,
+        weight_qmax: int = 127,
     ):
         super().__init__()
         self.weight_qmax = int(weight_qmax)
@@ -195,15 +199,6 @@ class QATConv(_QATWeighted):
 
 class QATLinear(_QATWeighted):
     """A Linear whose weights are fake-quantized int8."""
-
-    def __init__(
-        self,
-        linear: nn.Linear,
-        per_channel: bool = True,
-        learnable: bool = False,
-        weight_qmax: int = 127,
-    ):
-        super().__init__(linear, per_channel, learnable, weight_qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight(), self.bias)

@@ -98,7 +98,8 @@ class FoldPad(Pass):
         gm = graph.module
         folded, refused = [], []
         for pad in list(gm.graph.nodes):
-            if pad_of(gm, pad)[1] is not None:
+            widths, not_a_pad = pad_of(gm, pad)
+            if not_a_pad is not None:
                 continue
             for user in list(pad.users):
                 why = check(gm, pad, user)
@@ -106,7 +107,7 @@ class FoldPad(Pass):
                     refused.append({"pad": pad.name, "user": user.name, "reason": why})
                     continue
                 conv = module_of(gm, user)
-                conv.padding = _grown_padding(conv, pad_of(gm, pad)[0])
+                conv.padding = _grown_padding(conv, widths)
                 user.args = (pad.args[0],)
                 folded.append({"pad": pad.name, "conv": str(user.target), "padding": conv.padding})
             if not pad.users:

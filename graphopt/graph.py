@@ -22,6 +22,7 @@ T = TypeVar("T")
 PIPELINE_META = "graphopt.pipeline"
 """``GraphModule.meta`` key: the pipeline texts that made this graph (the ONNX export keeps it)."""
 TRACE_META = "graphopt.trace"
+PROGRAM_META = "graphopt.program"  # GraphModule.meta key: loaded from a .pt2 program
 """``GraphModule.meta`` key: the trace report (front end, input names, bound defaults, leaves)."""
 
 log = logging.getLogger(__name__)

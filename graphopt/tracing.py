@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from .errors import DataError, TraceError, first_line
-from .graph import TRACE_META, Graph, NodeMeta
+from .graph import PROGRAM_META, TRACE_META, Graph, NodeMeta
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,9 @@ def _trace_fx(
     auto: list[dict[str, str]] = []
     while True:
         tracer = _Tracer(leaves)
+        if isinstance(root, fx.GraphModule) and root.meta.get(PROGRAM_META) and not bound:
+            fx_graph = copy.deepcopy(root.graph)  # a loaded program is its graph already:
+            break  # re-tracing it would fold its int8 weights into float constants
         try:
             fx_graph = tracer.trace(root, concrete_args=dict(bound) or None)
             break

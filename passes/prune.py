@@ -391,6 +391,15 @@ class Prune(Pass):
                 f"prunable channels; params {params0:,} -> {params1:,}"
             ),
         }
+        if rounds[0]["units_prunable"] == 0 and ratio > 0:
+            log.warning(
+                "prune: nothing to prune: no output channel of any layer is free to remove (%d "
+                "layers locked%s); prune before qdq, and see 'graphopt inspect' for the reasons",
+                len(report["locked"]),
+                f", e.g. {report['locked'][0]['layer']}: {report['locked'][0]['reason']}"
+                if report["locked"]
+                else "; the graph has no conv/linear modules",
+            )
         if ratio > opts.max_ratio and opts.target is None:
             report["capped"] = (
                 f"ratio={ratio} asks for more than max-ratio={opts.max_ratio} of any group's "

@@ -10,8 +10,9 @@ import graphopt
 from graphopt.errors import DataError, DistillError, OptionError, PassFailure
 from graphopt.passes.distill.features import auto_pairs, parse_pairs
 from graphopt.passes.distill.loop import CHECKPOINT, DistillOptions, distill
+from graphopt.zoo.datasets import load_data
 from graphopt.zoo.digits import evaluate
-from graphopt.zoo.models import load_data, load_model
+from graphopt.zoo.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,13 @@ def test_teacher_with_other_output_shape_is_refused(digits, tmp_path):
     model, data = digits
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
     path = tmp_path / "teacher.pt"
-    torch.save(other, path)
+    torch.save(other, path)  # a pickle: loads only with trust-pickle
     with pytest.raises(
         PassFailure, match=r"student output \(\d+, 10\) and teacher output \(\d+, 7\)"
     ):
         graphopt.compress(
             model,
-            f'distill(teacher="{path}",epochs=1)',
+            f'distill(teacher="{path}",trust-pickle=true,epochs=1)',
             example_inputs=_inputs(data),
             data=data.train,
         )
@@ -139,8 +140,8 @@ def test_teacher_with_other_output_shape_is_refused(digits, tmp_path):
 
 def test_a_teacher_from_a_file_is_used(digits, tmp_path):
     model, data = digits
-    path = tmp_path / "teacher.pt"
-    torch.save(model, path)
+    path = tmp_path / "teacher.pt2"  # a torch.export program: no pickle
+    torch.export.save(torch.export.export(model, _inputs(data)), path)
     result = graphopt.compress(
         model,
         f'fold-bn,prune(ratio=0.5),distill(teacher="{path}",epochs=3)',

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import register_flop_formula
 
 from graphopt.quant.observers import quantize_weight, weight_qparams
 
@@ -50,6 +51,15 @@ def dynamic_linear(
 @dynamic_linear.register_fake
 def _(x, weight_t, weight_scale, bias):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+@register_flop_formula(torch.ops.graphopt.dynamic_linear)
+def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """2 x tokens x in x out, as for a float linear (``torch.utils.flop_counter``)."""
+    tokens = 1
+    for d in x_shape[:-1]:
+        tokens *= d
+    return 2 * tokens * weight_shape[0] * weight_shape[1]
 
 
 class DynamicQuantLinear(nn.Module):

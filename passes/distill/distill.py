@@ -27,7 +27,8 @@ class Distill(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: DistillOptions = self.options
-        teacher = teacher_for(opts.teacher, graph, None if opts.teacher else ctx.teacher)
+        default = None if opts.teacher else ctx.teacher
+        teacher = teacher_for(opts.teacher, graph, default, opts.trust_pickle)
         if opts.epochs == 0:
             return PassResult(False, {"summary": "epochs=0: nothing trained"})
         report = distill(

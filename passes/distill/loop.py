@@ -97,7 +97,12 @@ class DistillOptions:
         default=0, metadata={"help": "stop after N epochs without held-out improvement (0: off)"}
     )
     teacher: str | None = field(
-        default=None, metadata={"help": "a saved module (.pt) or model spec; default: as traced"}
+        default=None,
+        metadata={"help": "a model spec (.pt2 program, file.py:make, ...); default: as traced"},
+    )
+    trust_pickle: bool = field(
+        default=False,
+        metadata={"help": "let a .pt teacher be unpickled (runs code from the file)"},
     )
     checkpoint_dir: str | None = field(
         default=None, metadata={"help": "checkpoint directory (default: OUT/distill)"}
@@ -183,11 +188,11 @@ class _Teacher:
 
 
 # -- the loop -------------------------------------------------------------------------------------
-def _teacher_graph(spec: str, student: Graph) -> Graph:
+def _teacher_graph(spec: str, student: Graph, trust_pickle: bool = False) -> Graph:
     from graphopt.tracing import trace
     from graphopt.zoo.models import load_model
 
-    model, _ = load_model(spec)
+    model, _ = load_model(spec, trust_pickle=trust_pickle)
     return trace(model, student.example_inputs)
 
 
@@ -491,10 +496,12 @@ def _report(opts, pairs: list[FeaturePair], adapters, history, best, world, labe
     return report
 
 
-def teacher_for(spec: str | None, student: Graph, default: Graph | None) -> Graph:
+def teacher_for(
+    spec: str | None, student: Graph, default: Graph | None, trust_pickle: bool = False
+) -> Graph:
     """The teacher graph: from ``spec`` (a saved module or model spec) or ``default``."""
     if spec:
-        return _teacher_graph(spec, student)
+        return _teacher_graph(spec, student, trust_pickle)
     if default is None:
         raise DistillError(
             "distill: no teacher; run it in a pipeline (the traced model teaches) or set "

@@ -22,8 +22,9 @@ import torch
 
 import graphopt
 from graphopt.table import render
+from graphopt.zoo.datasets import load_data
 from graphopt.zoo.digits import evaluate
-from graphopt.zoo.models import load_data, load_model
+from graphopt.zoo.models import load_model
 
 VARIANTS = {
     "(b) fine-tune, labels": ("alpha=0", True),

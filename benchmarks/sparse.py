@@ -24,8 +24,9 @@ import graphopt
 from graphopt.backends import c as cbackend
 from graphopt.backends import onnxruntime as ob
 from graphopt.table import render
+from graphopt.zoo.datasets import load_data
 from graphopt.zoo.digits import evaluate
-from graphopt.zoo.models import load_data, load_model
+from graphopt.zoo.models import load_model
 
 
 def c_top1(model, test) -> float:

@@ -179,7 +179,8 @@ def test_digits_sparse_int8_flash_and_accuracy(tmp_path):
 
     import graphopt
     from graphopt.backends import onnxruntime as ob
-    from graphopt.zoo.models import load_data, load_model
+    from graphopt.zoo.datasets import load_data
+    from graphopt.zoo.models import load_model
 
     model, _ = load_model("digits:vgg")
     data = load_data("digits")

@@ -47,8 +47,8 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
 
 
 def test_run_writes_reloadable_outputs(run_dir, digits_cache):
-    assert sorted(p.name for p in run_dir.iterdir()) == ["model.onnx", "model.pt", "report.json"]
-    reloaded = torch.load(run_dir / "model.pt", weights_only=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["model.onnx", "model.pt2", "report.json"]
+    reloaded = torch.export.load(run_dir / "model.pt2").module()  # plain torch, no pickle
     original = digits.pretrained_vgg()
     x = digits.load_digits_data().x_test
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_run_prints_summary_and_table(digits_cache, tmp_path, capsys):
     rows = [line.split("|")[0].strip() for line in out.splitlines()]
     assert "original" in rows and "optimized" in rows
     assert "top-1 (torch)" in out
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.pt", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.pt2", "report.json"]
 
 
 MAKERS = """
@@ -161,10 +161,12 @@ def test_state_dict_pt_is_refused(tmp_path):
         load_model(str(path))
 
 
-def test_saved_module_pt_loads(tmp_path):
+def test_saved_module_pt_loads_only_when_trusted(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(digits.DigitsVGG(), path)
-    model, inputs = load_model(str(path), "2,1,8,8")
+    with pytest.raises(ModelSpecError, match="pickled Python object.*--trust-pickle"):
+        load_model(str(path), "2,1,8,8")
+    model, inputs = load_model(str(path), "2,1,8,8", trust_pickle=True)
     assert not model.training and inputs[0].shape == (2, 1, 8, 8)
 
 

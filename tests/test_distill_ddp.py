@@ -27,7 +27,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     import graphopt
-    from graphopt.zoo.models import load_data, load_model
+    from graphopt.zoo.datasets import load_data
+    from graphopt.zoo.models import load_model
 
     model, _ = load_model("digits:vgg")
     data = load_data("digits")

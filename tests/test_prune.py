@@ -693,7 +693,8 @@ def test_pruned_graph_exports_and_matches_ort(tmp_path, net, x):
 
 
 def test_between_runs_distillation_between_rounds():
-    from graphopt.zoo.models import load_data, load_model
+    from graphopt.zoo.datasets import load_data
+    from graphopt.zoo.models import load_model
 
     model, _ = load_model("digits:vgg")
     data = load_data("digits")

@@ -117,7 +117,8 @@ def test_blocks_are_kept_or_dropped_whole():
 
 @pytest.fixture(scope="module")
 def digits():
-    from graphopt.zoo.models import load_data, load_model
+    from graphopt.zoo.datasets import load_data
+    from graphopt.zoo.models import load_model
 
     return load_model("digits:vgg")[0], load_data("digits")
 

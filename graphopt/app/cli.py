@@ -64,9 +64,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "model",
         metavar="MODEL",
         help="digits:vgg, torchvision:NAME, hf:PATH (a save_pretrained folder), "
-        "pkg.mod:factory, file.py:factory or model.pt",
+        "pkg.mod:factory, file.py:factory, model.pt2 (torch.export.save) or model.pt (with "
+        "--trust-pickle)",
     )
-    p.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        action=_InputShape,
+        help="example input shape, e.g. 1,3,224,224",
+    )
+    p.add_argument(
+        "--input",
+        action=_NamedInput,
+        type=_named_input,
+        default=[],
+        metavar="NAME=DIMS[:DTYPE]",
+        help="a named example input instead of --input-shape, repeatable, e.g. "
+        "--input input_ids=1,128:int64 --input attention_mask=1,128:int64 (DTYPE: "
+        "float32 (default), float16, int64, int32, bool)",
+    )
     p.add_argument(
         "--leaf",
         action="append",
@@ -85,6 +101,59 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--strict-trace",
         action="store_true",
         help="refuse instead of making untraceable submodules leaves automatically",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a pickled MODEL.pt with full unpickling, which runs any code the file "
+        "names: only for files you made or trust (default: tensors only; prefer .pt2 files "
+        "from torch.export.save)",
+    )
+
+
+class _InputShape(argparse.Action):
+    """``--input-shape``, given once and not with ``--input``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(
+                self, "give --input-shape once; for several inputs use --input NAME=DIMS"
+            )
+        if getattr(namespace, "input", None):
+            raise argparse.ArgumentError(self, "give --input-shape or --input, not both")
+        setattr(namespace, self.dest, values)
+
+
+class _NamedInput(argparse.Action):
+    """``--input NAME=DIMS[:DTYPE]``, repeatable, each name once, not with ``--input-shape``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "input_shape", None) is not None:
+            raise argparse.ArgumentError(self, "give --input-shape or --input, not both")
+        given = list(getattr(namespace, self.dest, None) or [])
+        if any(name == values[0] for name, _, _ in given):
+            raise argparse.ArgumentError(self, f"input {values[0]!r} is given twice")
+        setattr(namespace, self.dest, [*given, values])
+
+
+def _named_input(text: str):
+    from graphopt.zoo.models import parse_named_input
+
+    try:
+        return parse_named_input(text)
+    except GraphoptError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from graphopt.zoo.datasets import FORMS, TRANSFORMS
+
+    p.add_argument("--data", required=required, metavar="DATA", help=f"data: {FORMS}")
+    p.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        help="how an image folder is fitted to the model's input: resize (to HxW, pixels in "
+        "[0, 1]; the default) or imagenet (resize 256, centre crop, ImageNet mean/std)",
     )
 
 
@@ -130,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--pipeline", required=True, metavar="TEXT", help="e.g. 'fold-bn,dce'")
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="where model.pt, model.onnx, report.json go"
+        "--out", required=True, metavar="DIR", help="where model.pt2, model.onnx, report.json go"
     )
     p.add_argument("--backend", choices=("ort", "none"), default="ort")
-    p.add_argument("--data", metavar="NAME", help="named data set for passes and accuracy (digits)")
+    _data_args(p)
     p.add_argument(
         "--print-after",
         type=_names,
@@ -153,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", parents=[common], help="accuracy against MACs and latency over prune ratios"
     )
     _model_args(p)
-    p.add_argument("--data", required=True, metavar="NAME", help="named data set (digits)")
+    _data_args(p, required=True)
     p.add_argument(
         "--ratios",
         type=_ratios,
@@ -196,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also quantize each layer alone (int8, qdq's defaults) and list its output SQNR, "
         "worst first, to choose qdq(skip=[...]); needs --data",
     )
-    p.add_argument("--data", metavar="NAME", help="named data set for --quant-sensitivity")
+    _data_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", parents=[common], help="latency of an .onnx file or a model")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from itertools import islice
 from pathlib import Path
 
 from graphopt.app import demo
 from graphopt.app.console import UsageError, echo, progress, quiet_stdout
-from graphopt.app.loading import check_data_fits, load_spec, shape_text, trace_model
+from graphopt.app.loading import inputs_text, load_cli_data, load_spec, trace_model
 from graphopt.app.ort import load_ort
 from graphopt.app.staging import staged_outputs
 from graphopt.errors import DataError, GraphoptError
@@ -43,24 +44,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Per-layer cost table and totals."""
     from graphopt.cost import cost_of
 
-    model, inputs = load_spec(args.model, args.input_shape)
+    model, inputs = load_spec(args.model, args.input_shape, args.input, args.trust_pickle)
+    data = None
+    if args.quant_sensitivity:
+        if not args.data:
+            raise DataError("--quant-sensitivity needs --data (calibration batches)")
+        data = load_cli_data(args, model, inputs)
     graph = trace_model(model, inputs, args)
     cost = cost_of(graph)
-    echo(f"{args.model}: input {shape_text(inputs[0].shape)}, {len(graph.nodes)} graph nodes")
+    echo(f"{args.model}: input {inputs_text(inputs)}, {len(graph.nodes)} graph nodes")
     echo(cost.table())
     echo(
         f"\ntotal: {cost.params:,} params, {cost.macs:,} MACs, {cost.bytes:,} bytes "
         f"({cost.bytes / 2**20:.2f} MiB)"
     )
     if args.quant_sensitivity:
+        from graphopt.data import iter_batches
         from graphopt.passes.qdq.sensitivity import quant_sensitivity
-        from graphopt.zoo.models import load_data
 
-        if not args.data:
-            raise DataError("--quant-sensitivity needs --data NAME (calibration batches)")
-        data = load_data(args.data)
-        check_data_fits(data, inputs)
-        batches = [x for x, _ in data.train][:8]
+        batches = [x[0] if len(x) == 1 else x for x, _ in islice(iter_batches(data.train), 8)]
         rows = quant_sensitivity(graph, batches, progress=progress)
         echo("\nint8 sensitivity (each layer quantized alone; lowest SQNR hurts most):")
         echo(
@@ -77,13 +79,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the pipeline template per ratio; write sweep.csv and tradeoff.png."""
     from graphopt.app.sweep import expand, plot, run_sweep, table, write_csv
     from graphopt.manager import Pipeline
-    from graphopt.zoo.models import load_data
 
     for r in args.ratios:
         Pipeline.parse(expand(args.pipeline_template, r))  # bad templates fail before loading
-    data = load_data(args.data)
-    model, inputs = load_spec(args.model, args.input_shape)
-    check_data_fits(data, inputs)
+    model, inputs = load_spec(args.model, args.input_shape, args.input, args.trust_pickle)
+    data = load_cli_data(args, model, inputs)
+    if not data.has_test:
+        raise DataError(
+            f"sweep measures accuracy: --data {args.data} needs labels (a held-out test split)"
+        )
     out = Path(args.out)
     with staged_outputs(out) as stage:
         points = run_sweep(
@@ -118,13 +122,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         title = f"{path}"
     else:
-        model, inputs = load_spec(args.model, args.input_shape)
+        model, inputs = load_spec(args.model, args.input_shape, args.input, args.trust_pickle)
         graph = trace_model(model, inputs, args)
         rows.append(
             [
                 "torch",
                 ort_backend.torch_benchmark(
-                    graph.module, inputs, threads=args.threads, runs=args.runs
+                    graph.module, graph.example_inputs, threads=args.threads, runs=args.runs
                 ),
             ]
         )
@@ -135,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rows.append(
                 ["onnxruntime", ort_backend.benchmark(path, threads=args.threads, runs=args.runs)]
             )
-        title = f"{args.model} (input {shape_text(inputs[0].shape)})"
+        title = f"{args.model} (input {inputs_text(inputs)})"
     echo(f"{title}: {args.runs} runs, {args.threads} thread(s)")
     body = [
         [name, *(cell(b[key], ".3f") for key in ("median_ms", "p10_ms", "p90_ms"))]

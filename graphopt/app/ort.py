@@ -20,8 +20,11 @@ def load_ort():
 
 
 def ort_top1(ort_backend, onnx_path: str | Path, batches, threads: int) -> float:
-    """Top-1 accuracy of the ONNX model at ``onnx_path`` over ``(x, y)`` batches."""
+    """Top-1 accuracy of the ONNX model at ``onnx_path`` over ``(x, y)`` batches (``x`` a
+    tensor, or a tuple for several inputs)."""
     from graphopt.zoo.digits import evaluate
 
     sess = ort_backend.session(onnx_path, threads=threads)
-    return evaluate(lambda x: ort_backend.run(sess, x.numpy())[0], batches)
+    return evaluate(
+        lambda x: ort_backend.run(sess, *(x if isinstance(x, (list, tuple)) else (x,)))[0], batches
+    )

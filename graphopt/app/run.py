@@ -15,7 +15,7 @@ import torch
 
 from graphopt import __version__
 from graphopt.app.console import echo, progress, quiet_stdout
-from graphopt.app.loading import check_data_fits, load_spec, shape_text, trace_model
+from graphopt.app.loading import inputs_text, load_cli_data, load_spec, top1, trace_model
 from graphopt.app.ort import load_ort, ort_top1
 from graphopt.app.staging import staged_outputs
 from graphopt.atomic import write_json
@@ -46,7 +46,7 @@ def _validate_print_after(names: Sequence[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Load, trace, run the pipeline, export; write model.pt, model.onnx, report.json."""
+    """Load, trace, run the pipeline, export; write model.pt2, model.onnx, report.json."""
     from graphopt.cost import cost_of
     from graphopt.distributed import is_main
     from graphopt.instruments import PrintAfter
@@ -54,16 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.parse(args.pipeline)  # bad pipelines fail before anything is loaded
     _validate_print_after(args.print_after)
-    data = None
-    if args.data:
-        from graphopt.zoo.models import load_data
-
-        data = load_data(args.data)
     t0 = time.perf_counter()
-    model, inputs = load_spec(args.model, args.input_shape)
-    if data is not None:
-        check_data_fits(data, inputs)
-    log.info("tracing %s with input %s", args.model, shape_text(inputs[0].shape))
+    model, inputs = load_spec(args.model, args.input_shape, args.input, args.trust_pickle)
+    data = load_cli_data(args, model, inputs)
+    log.info("tracing %s with input %s", args.model, inputs_text(inputs))
     graph = trace_model(model, inputs, args)
     original = graph.copy()
     cost_before = cost_of(original)
@@ -84,39 +78,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=progress,
         )
         cost_after = cost_of(result.graph)
-        _save_module(result.graph, stage / "model.pt")
+        _save_module(result.graph, stage)
         rows = {"original": {"cost": cost_before}, "optimized": {"cost": cost_after}}
         if args.backend == "ort":
             _ort_compare(args, original, result.graph, stage, rows, data)
-        elif data is not None:
-            from graphopt.zoo.digits import evaluate
-
-            rows["original"]["top1"] = evaluate(original.module, data.test)
-            rows["optimized"]["top1"] = evaluate(result.graph.module, data.test)
-        report = _run_report(args, pipeline, inputs, result, rows, time.perf_counter() - t0)
+        elif data is not None and data.has_test:
+            rows["original"]["top1"] = top1(original.module, data.test)
+            rows["optimized"]["top1"] = top1(result.graph.module, data.test)
+        seconds = time.perf_counter() - t0
+        report = _run_report(args, pipeline, original.example_inputs, result, rows, seconds)
         write_json(stage / "report.json", report)
         written = [p.name + ("/" if p.is_dir() else "") for p in stage.iterdir()]
     echo(result.summary())
     echo()
-    echo(_run_table(rows, data is not None, args.threads))
+    echo(_run_table(rows, data is not None and data.has_test, args.threads))
     if any(r.name == "distill" for r in result.reports) and (out / "distill").is_dir():
         written.append("distill/ (checkpoints)")
     echo(f"\nwrote {', '.join(sorted(written))} to {out}")
     return 0
 
 
-def _save_module(graph, path: Path) -> None:
-    """``torch.save`` the GraphModule (loadable with plain torch, without graphopt) and check
-    that it reloads and computes the same outputs."""
+def _save_module(graph, stage: Path) -> str:
+    """Save the optimized model in ``stage``: ``model.pt2``, a torch.export program that loads
+    without unpickling (graphopt and plain torch read it), checked to reload and compute the
+    same outputs. A model torch.export cannot capture is pickled to ``model.pt`` instead, with a
+    warning (loading that needs --trust-pickle). Returns the file name written."""
     import copy
 
     from graphopt.metrics import within
+    from graphopt.program import load_program, save_program
 
-    module = copy.deepcopy(graph.module)
-    module._tracer_cls = None  # unpickling then re-traces with torch.fx.Tracer, not graphopt's
-    torch.save(module, path)
+    path = stage / "model.pt2"
     try:
-        reloaded = torch.load(path, map_location="cpu", weights_only=False)
+        save_program(graph.module, graph.example_inputs, path)
+        reload = load_program
+    except GraphoptError as e:
+        log.warning("%s; writing a pickled model.pt instead (loading it needs --trust-pickle)", e)
+        path = stage / "model.pt"
+        module = copy.deepcopy(graph.module)
+        module._tracer_cls = None  # unpickling then re-traces with torch.fx.Tracer
+        torch.save(module, path)
+
+        def reload(p):
+            return torch.load(p, map_location="cpu", weights_only=False)  # we just wrote it
+
+    try:
+        reloaded = reload(path)
         with torch.no_grad():
             same = within(
                 reloaded(*graph.example_inputs), graph.module(*graph.example_inputs), 1e-4, 1e-6
@@ -127,15 +134,18 @@ def _save_module(graph, path: Path) -> None:
         ) from e
     if not same:
         raise GraphoptError(
-            "the reloaded model.pt computes different outputs than the optimized graph"
+            f"the reloaded {path.name} computes different outputs than the optimized graph"
         )
+    return path.name
 
 
 def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> None:
     """Export both graphs; record ORT latency, parity against the original torch model and,
-    with data, top-1 accuracy, in ``rows``."""
+    with labelled data, top-1 accuracy, in ``rows``."""
+    from graphopt.data import first_batch
+
     ort_backend = load_ort()
-    inputs = (data.test[0][0],) if data is not None else None
+    inputs = None if data is None else first_batch(data.test if data.has_test else data.train)
     with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
         paths = {"original": Path(tmp) / "original.onnx", "optimized": stage / "model.onnx"}
         for name, graph in (("original", original), ("optimized", optimized)):
@@ -146,10 +156,8 @@ def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> No
             rows[name]["latency"] = ort_backend.benchmark(
                 paths[name], threads=args.threads, runs=args.runs
             )
-            if data is not None:
-                from graphopt.zoo.digits import evaluate
-
-                rows[name]["top1"] = evaluate(graph.module, data.test)
+            if data is not None and data.has_test:
+                rows[name]["top1"] = top1(graph.module, data.test)
                 rows[name]["top1_ort"] = ort_top1(ort_backend, paths[name], data.test, args.threads)
 
 

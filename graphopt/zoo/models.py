@@ -1,4 +1,4 @@
-"""Model specifications and named data sets, as the CLI takes them.
+"""Model specifications, as the CLI takes them (data sets: :mod:`graphopt.zoo.datasets`).
 
 ``load_model(spec)`` accepts:
 
@@ -6,11 +6,17 @@
 * ``torchvision:NAME``: a torchvision model with random weights (nothing is downloaded);
 * ``pkg.module:factory``: an importable callable returning an ``nn.Module``;
 * ``path/to/file.py:factory``: the same, from a Python file;
-* ``path/to/model.pt``: a whole ``nn.Module`` saved with ``torch.save(model, path)``;
+* ``path/to/model.pt2``: a ``torch.export`` program (``torch.export.save``; graphopt's own
+  output), loaded without unpickling anything;
+* ``path/to/model.pt``: a whole ``nn.Module`` saved with ``torch.save(model, path)``; only with
+  ``trust_pickle=True`` (CLI ``--trust-pickle``), since unpickling runs code from the file;
 * ``hf:PATH``: a Hugging Face transformers model saved with ``save_pretrained`` in the local
   folder ``PATH`` (config + safetensors; nothing is downloaded). Its example input is what the
   config says it reads: token ids ``(1, 32)`` for text models, ``pixel_values`` for vision
   models, ``input_values`` for audio ones (``--input-shape`` changes the shape).
+
+``named_inputs`` (CLI: ``--input NAME=DIMS[:DTYPE]``, repeatable) replaces the single example
+input by keyword inputs, e.g. ``input_ids=1,128:int64`` and ``attention_mask=1,128:int64``.
 
 Every failure raises :class:`~graphopt.errors.ModelSpecError` with one line saying what is
 wrong and what to do.
@@ -23,9 +29,9 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import pickle
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +43,19 @@ from graphopt.errors import DataError, ModelSpecError
 log = logging.getLogger(__name__)
 
 DEFAULT_SHAPE = (1, 3, 224, 224)
-SPEC_FORMS = (
-    "digits:vgg, torchvision:NAME, hf:PATH, pkg.module:factory, path/file.py:factory, path/model.pt"
-)
+SPEC_FORMS = "digits:vgg, torchvision:NAME, hf:PATH, pkg.module:factory, path/file.py:factory, path/model.pt2, path/model.pt"
 _TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299)}
 _VIDEO_SHAPE = (1, 3, 16, 112, 112)
 _MODULE_FILE_SUFFIXES = (".pt", ".pth")
+PROGRAM_SUFFIX = ".pt2"  # a torch.export program (graphopt.program): no pickle
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+NamedInput = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -59,6 +72,43 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def parse_named_input(text: str) -> NamedInput:
+    """``"mask=1,128:int64"`` -> ``("mask", (1, 128), torch.int64)``; the dtype defaults to
+    float32."""
+    name, eq, rest = text.partition("=")
+    name = name.strip()
+    if not eq or not name.isidentifier():
+        raise DataError(f"input {text!r}: expected NAME=DIMS[:DTYPE], e.g. mask=1,128:int64")
+    dims, _, dtype = rest.partition(":")
+    dtype = dtype.strip() or "float32"
+    if dtype not in DTYPES:
+        raise DataError(f"input {text!r}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return name, parse_shape(dims), DTYPES[dtype]
+
+
+def named_example_inputs(
+    specs: Sequence[NamedInput], seed: int = 0, token_ids: int | None = None, token_input: str = ""
+) -> dict[str, torch.Tensor]:
+    """Random keyword inputs from a fixed seed: normal floats, random bools, ids in
+    ``[0, token_ids)`` for the input named ``token_input`` and in ``[0, 2)`` for other integer
+    inputs (masks, token types)."""
+    names = [name for name, _, _ in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"input {twice[0]!r} is given twice; give each input once")
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape, dtype in specs:
+        if dtype.is_floating_point:
+            out[name] = torch.randn(*shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            out[name] = torch.randint(0, 2, tuple(shape), generator=gen).bool()
+        else:
+            high = token_ids if token_ids and name == token_input else 2
+            out[name] = torch.randint(0, high, tuple(shape), generator=gen, dtype=dtype)
+    return out
+
+
 def example_inputs(
     shape: Sequence[int], seed: int = 0, token_ids: int | None = None
 ) -> tuple[torch.Tensor]:
@@ -71,38 +121,58 @@ def example_inputs(
 
 
 def load_model(
-    spec: str, input_shape: str | Sequence[int] | None = None, progress: Callable | None = None
-) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    spec: str,
+    input_shape: str | Sequence[int] | None = None,
+    progress: Callable | None = None,
+    *,
+    named_inputs: Sequence[str | NamedInput] | None = None,
+    trust_pickle: bool = False,
+) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, torch.Tensor]]:
     """``(model in eval mode, example inputs)`` for a model spec (see the module docstring).
 
-    ``input_shape`` overrides the spec's default input shape. ``progress`` wraps training
-    loops (only ``digits:vgg`` trains, on first use).
+    ``input_shape`` overrides the spec's default input shape. ``named_inputs`` (``"NAME=DIMS"``
+    texts or parsed triples) gives keyword inputs instead: the example inputs are then a dict.
+    ``progress`` wraps training loops (only ``digits:vgg`` trains, on first use).
+    ``trust_pickle`` lets a ``.pt``/``.pth`` file be fully unpickled (which runs code the file
+    names); without it only tensors load, and a pickled module is refused with what to do.
     """
+    if named_inputs and input_shape is not None:
+        raise DataError("give either an input shape or named inputs, not both")
     spec = spec.strip()
     vocab = None
     if spec.startswith("hf:"):
         model, shape, vocab = _hugging_face(Path(spec.split(":", 1)[1]))
     else:
-        model, shape = _resolve(spec, progress)
+        model, shape = _resolve(spec, progress, trust_pickle)
+    if named_inputs:
+        specs = [parse_named_input(t) if isinstance(t, str) else t for t in named_inputs]
+        main = getattr(model, "main_input_name", "")
+        return model.eval(), named_example_inputs(specs, token_ids=vocab, token_input=main)
     if input_shape is not None:
         shape = parse_shape(input_shape)
     return model.eval(), example_inputs(shape, token_ids=vocab)
 
 
-def _resolve(spec: str, progress: Callable | None) -> tuple[nn.Module, tuple[int, ...]]:
+def _resolve(
+    spec: str, progress: Callable | None, trust_pickle: bool = False
+) -> tuple[nn.Module, tuple[int, ...]]:
     spec = spec.strip()
     if spec.startswith("digits:"):
         return _digits(spec.split(":", 1)[1], progress), (1, 1, 8, 8)
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1])
+    if spec.endswith(PROGRAM_SUFFIX):
+        from graphopt.program import load_program
+
+        return load_program(spec), DEFAULT_SHAPE
     if spec.endswith(_MODULE_FILE_SUFFIXES):
-        return _saved_module(Path(spec)), DEFAULT_SHAPE
+        return _saved_module(Path(spec), trust_pickle), DEFAULT_SHAPE
     if ":" in spec:
         where, factory = spec.rsplit(":", 1)
         if where.endswith(".py"):
-            return _call_factory(spec, _import_file(Path(where)), factory), DEFAULT_SHAPE
+            return _call_factory(spec, import_file(Path(where)), factory), DEFAULT_SHAPE
         if where and all(p.isidentifier() for p in where.split(".")):
-            return _call_factory(spec, _import_module(where), factory), DEFAULT_SHAPE
+            return _call_factory(spec, import_module(where), factory), DEFAULT_SHAPE
     if spec.endswith(".py"):
         raise ModelSpecError(f"model spec {spec!r} names a file but no factory; write {spec}:NAME")
     raise ModelSpecError(f"cannot understand model spec {spec!r}; use one of: {SPEC_FORMS}")
@@ -175,11 +245,25 @@ def _hugging_face(path: Path) -> tuple[nn.Module, tuple[int, ...], int | None]:
     raise ModelSpecError(f"hf:{path}: graphopt does not know how to feed {name!r} inputs yet")
 
 
-def _saved_module(path: Path) -> nn.Module:
+def _saved_module(path: Path, trust_pickle: bool = False) -> nn.Module:
+    """A whole module saved with ``torch.save``. Without ``trust_pickle`` only tensors are
+    unpickled (``weights_only=True``), so a pickled module is refused before any code in the
+    file can run."""
     if not path.is_file():
         raise ModelSpecError(f"model file {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise ModelSpecError(f"cannot unpickle {str(path)!r}: {_first_line(e)}") from e
+        raise ModelSpecError(
+            f"{str(path)!r} is a pickled Python object, and unpickling it runs whatever code the "
+            "file names, so graphopt read only its tensors and stopped. If you made this file "
+            "or trust it, pass --trust-pickle (Python: trust_pickle=True; distill: trust-pickle=true). "
+            "Safer: save the model "
+            "with torch.export.save(torch.export.export(model, args), 'model.pt2') and give the "
+            ".pt2, or give a factory that builds it and loads a state_dict (file.py:make)"
+        ) from None
     except Exception as e:
         raise ModelSpecError(
             f"cannot load {str(path)!r}: {type(e).__name__}: {_first_line(e)}"
@@ -200,7 +284,8 @@ def _saved_module(path: Path) -> nn.Module:
     return obj
 
 
-def _import_file(path: Path) -> Any:
+def import_file(path: Path) -> Any:
+    """The Python file at ``path`` imported as a module (once per resolved path)."""
     if not path.is_file():
         raise ModelSpecError(f"model file {str(path)!r} does not exist")
     resolved = path.resolve()
@@ -223,7 +308,8 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def _import_module(name: str) -> Any:
+def import_module(name: str) -> Any:
+    """``importlib.import_module`` with one-line :class:`ModelSpecError` messages."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -266,35 +352,3 @@ def _call_factory(spec: str, module: Any, factory: str) -> nn.Module:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-# -- data --------------------------------------------------------------------------------------
-@dataclass
-class NamedData:
-    """A named data set as the CLI uses it: ``train`` batches feed the pipeline (calibration,
-    importance, training), ``test`` batches measure accuracy. Both are lists of
-    ``(inputs, labels)``."""
-
-    name: str
-    train: list
-    test: list
-    input_shape: tuple[int, ...]
-
-
-def _digits_data() -> NamedData:
-    from graphopt.zoo.digits import INPUT_SHAPE, load_digits_data
-
-    data = load_digits_data()
-    return NamedData("digits", data.batches("train"), data.batches("test"), INPUT_SHAPE)
-
-
-DATASETS: dict[str, Callable[[], NamedData]] = {"digits": _digits_data}
-
-
-def load_data(name: str) -> NamedData:
-    """The named data set (``--data NAME``)."""
-    if name not in DATASETS:
-        near = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise DataError(f"unknown data set {name!r}{hint} (known: {', '.join(sorted(DATASETS))})")
-    return DATASETS[name]()

@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt.atomic import atomic_path
+from graphopt.capture import output_to_log
 from graphopt.errors import BackendError
 from graphopt.graph import PIPELINE_META, Graph, node_meta
 
@@ -65,6 +66,7 @@ def export(
     opset: int = 18,
     dynamic_batch: bool = True,
     pipeline: str | None = None,
+    allow_torchscript: bool = False,
 ) -> Path:
     """Export ``graph.module`` to the ONNX file ``path`` (written atomically) and return it.
 
@@ -73,6 +75,12 @@ def export(
     symbolic (``batch``); if the exporter cannot keep it dynamic the model is exported with
     the example batch size and a warning is logged. ``pipeline`` (default: the graph's
     ``graph.module.meta["graphopt.pipeline"]``) is stored in the model's metadata.
+
+    If the torch.export-based exporter fails, the TorchScript exporter is tried. It runs the
+    model once and records what that run did, so Python control flow inside a leaf module is
+    frozen on the example input: a graph with leaf modules falls back only with
+    ``allow_torchscript=True`` (CLI ``--allow-torchscript``); a graph without leaves holds no
+    Python branches (fx traced all of it), so it falls back freely.
 
     Raises:
         BackendError: the exporter failed; the message names the failing node or op.
@@ -132,6 +140,16 @@ def export(
         return target
 
     assert error is not None
+    leaves = _leaf_modules(graph)
+    if leaves and not allow_torchscript:
+        raise BackendError(
+            f"{_export_message(graph, error)}. The TorchScript exporter could still write a file, "
+            "but it records one run of the leaf module(s) "
+            f"{', '.join(leaves[:3])}{' ...' if len(leaves) > 3 else ''}, freezing any branch on "
+            "tensor values there, so the file may be silently wrong for other inputs; pass "
+            "allow_torchscript=True (CLI --allow-torchscript) to accept that (parity is then "
+            "checked on several inputs), or make the leaf traceable"
+        ) from error
     log.warning(
         "torch.onnx dynamo export failed (%s); falling back to the TorchScript exporter: its "
         "nodes carry no module paths and it freezes data-dependent branches (check parity)",
@@ -157,6 +175,15 @@ def export(
     return target
 
 
+def _leaf_modules(graph: Graph) -> list[str]:
+    """Module paths of the leaf modules (user's or automatic) the graph calls."""
+    return [
+        str(n.target)
+        for n in graph.module.graph.nodes
+        if n.op == "call_module" and getattr(n.meta.get("graphopt"), "leaf", False)
+    ]
+
+
 def _names(stem: str, n: int) -> list[str]:
     return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
 
@@ -177,37 +204,12 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _output_to_log() -> Iterator[None]:
-    """Capture file descriptors 1 and 2 into the debug log. The exporters write there directly:
-    torch.export's shape warnings and graph dumps on stderr, and, when the TorchScript exporter
-    fails, its C++ side prints the whole TorchScript IR on stdout."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as tmp:
-        saved = [(fd, os.dup(fd)) for fd in (1, 2)]
-        for fd, _ in saved:
-            os.dup2(tmp.fileno(), fd)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
-            tmp.seek(0)
-            text = tmp.read().decode(errors="replace").strip()
-            if text:
-                log.debug("exporter output:\n%s", text)
-
-
 def _export_dynamo(graph: Graph, opset: int, dynamic: bool, in_names, out_names):
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
         dynamic_shapes = tuple({0: dim} if t.dim() else {} for t in graph.example_inputs)
-    with _quiet(), _output_to_log():
+    with _quiet(), output_to_log():
         program = torch.onnx.export(
             graph.module,
             graph.example_inputs,
@@ -247,7 +249,7 @@ def _export_torchscript(graph: Graph, opset: int, dynamic: bool, in_names, out_n
         axes = {n: {0: "batch"} for n, t in zip(in_names, graph.example_inputs) if t.dim()}
         axes.update({n: {0: "batch"} for n in out_names})
     buf = io.BytesIO()
-    with _quiet(), _output_to_log():
+    with _quiet(), output_to_log():
         torch.onnx.export(
             graph.module,
             graph.example_inputs,

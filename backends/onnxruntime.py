@@ -133,13 +133,27 @@ def check_parity(
     inputs: Any = None,
     rtol: float = 1e-4,
     atol: float = 1e-6,
+    *,
+    batches: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Compare ``graph.module`` (torch) against the ONNX file at ``path`` (ORT) on ``inputs``
-    (default: the graph's example inputs).
+    (default: the graph's example inputs), or on each of ``batches`` (e.g.
+    :func:`graphopt.data.probe_inputs`), keeping the worst.
 
     Returns ``max_abs``, ``rel``, ``cosine``, ``top1`` (2-D first output only) and ``ok``:
-    ``max|ort - torch| <= atol + rtol * max|torch|`` for every output.
+    ``max|ort - torch| <= atol + rtol * max|torch|`` for every output (and every batch; then
+    also ``inputs_checked`` and ``worst_input``, the index of the worst batch).
     """
+    if batches is not None:
+        sess = session(path)
+        results = [check_parity(graph, sess, b, rtol, atol) for b in batches]
+        worst = max(range(len(results)), key=lambda i: (not results[i]["ok"], results[i]["rel"]))
+        out = dict(results[worst])
+        out["ok"] = all(r["ok"] for r in results)
+        out["cosine"] = min(r["cosine"] for r in results)
+        out["inputs_checked"] = len(results)
+        out["worst_input"] = worst
+        return out
     xs = tuple(
         torch.as_tensor(x) for x in _as_inputs(graph.example_inputs if inputs is None else inputs)
     )

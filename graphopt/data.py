@@ -81,3 +81,37 @@ def first_batch(data: Any) -> tuple[torch.Tensor, ...] | None:
     for inputs, _ in iter_batches(data):
         return inputs
     return None
+
+
+def probe_inputs(
+    example: tuple[torch.Tensor, ...], data: Any = None, n_data: int = 3, seed: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs to compare two implementations of one model on: the example batch, up to
+    ``n_data`` batches of ``data``, the example negated, and two random batches of the
+    example's shapes and dtypes (normal with the example's mean and spread; integers in its
+    range; random booleans). One batch cannot tell a branch frozen on its values apart from
+    the real control flow; inputs of other signs and spreads can."""
+    probes = [tuple(example)]
+    if data is not None:
+        for i, (inputs, _) in enumerate(iter_batches(data)):
+            if i >= n_data:
+                break
+            probes.append(tuple(inputs))
+    if all(t.is_floating_point() for t in example):
+        probes.append(tuple(-t for t in example))
+    gen = torch.Generator().manual_seed(seed)
+    for scale in (1.0, 3.0):
+        probes.append(tuple(_random_like(t, scale, gen) for t in example))
+    return probes
+
+
+def _random_like(t: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, t.shape, generator=gen).bool()
+    if not t.is_floating_point():
+        low, high = (int(t.min()), int(t.max()) + 1) if t.numel() else (0, 2)
+        return torch.randint(low, high, t.shape, generator=gen, dtype=t.dtype)
+    f = t.float()
+    spread = float(f.std()) if t.numel() > 1 else 1.0
+    noise = torch.randn(t.shape, generator=gen) * (scale * (spread or 1.0)) + float(f.mean())
+    return noise.to(t.dtype)

@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .atomic import atomic_path
+from .capture import output_to_log
 from .errors import GraphoptError, ModelSpecError, first_line
 from .export_frontend import lift
 from .graph import PROGRAM_META
@@ -43,17 +44,22 @@ def save_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
     batch2 = tuple(_batch_of_two(t) for t in example_inputs)
     dims = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example_inputs)
     try:
-        try:
-            ep = torch.export.export(module, batch2, dynamic_shapes=dims)
-        except Exception as first:
-            log.info("export with a dynamic batch failed (%s); saving static shapes", first)
-            ep = torch.export.export(module, tuple(example_inputs))
+        with output_to_log("torch.export"):
+            ep = _export(module, tuple(example_inputs), batch2, dims)
     except Exception as e:
         raise GraphoptError(
             f"cannot save the optimized model as a torch.export program: {first_line(e)}"
         ) from e
     with atomic_path(path, suffix=SUFFIX) as tmp:  # torch.export.save wants a .pt2 name
         torch.export.save(ep, str(tmp))
+
+
+def _export(module: nn.Module, inputs: tuple, batch2: tuple, dims: tuple):
+    try:
+        return torch.export.export(module, batch2, dynamic_shapes=dims)
+    except Exception as first:
+        log.info("export with a dynamic batch failed (%s); saving static shapes", first)
+        return torch.export.export(module, inputs)
 
 
 def _batch_of_two(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import graphopt
 from graphopt.backends import onnx_export
 from graphopt.backends import onnxruntime as gort
+from graphopt.data import probe_inputs
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -333,8 +334,11 @@ def test_torchscript_fallback_for_untraceable_leaf(tmp_path, caplog):
     with torch.no_grad():  # choose inputs that take each branch
         sign = net.fc(x_pos).sum().sign()
     graph = graphopt.trace(net, x_pos, leaf_modules=[SignBranch])
+    with pytest.raises(graphopt.BackendError, match="branch.*allow_torchscript=True"):
+        gort.export(graph, tmp_path / "branch.onnx")  # a silently frozen branch: refused
+    assert not (tmp_path / "branch.onnx").exists()
     with caplog.at_level(logging.WARNING, logger="graphopt.backends.onnxruntime"):
-        path = gort.export(graph, tmp_path / "branch.onnx")
+        path = gort.export(graph, tmp_path / "branch.onnx", allow_torchscript=True)
     assert "TorchScript" in caplog.text
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert props["graphopt.exporter"] == "torch.onnx (torchscript)"
@@ -349,6 +353,12 @@ def test_torchscript_fallback_for_untraceable_leaf(tmp_path, caplog):
                 break
     assert flipped is not None
     assert not gort.check_parity(graph, path, inputs=(flipped,))["ok"]
+    # probe inputs (the example negated, random ones of other spreads) find it on their own
+    probes = probe_inputs(graph.example_inputs)
+    assert len(probes) >= 3
+    parity = gort.check_parity(graph, path, batches=probes)
+    assert not parity["ok"] and parity["inputs_checked"] == len(probes)
+    assert parity["worst_input"] > 0  # the example batch itself agrees
 
 
 # -- sessions, parity, benchmarks ---------------------------------------------------------------

@@ -201,7 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, metavar="DIR", help="where model.pt2, model.onnx, report.json go"
     )
-    p.add_argument("--backend", choices=("ort", "none"), default="ort")
+    p.add_argument(
+        "--backend",
+        choices=("ort", "none"),
+        default="ort",
+        help="ort: export model.onnx, check it against torch on several inputs and time it in "
+        "ONNX Runtime; none: torch only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="if the torch.export-based ONNX exporter fails on a model with leaf modules, accept "
+        "the TorchScript exporter, which freezes branches inside leaves on the example input",
+    )
     _data_args(p)
     p.add_argument(
         "--print-after",

@@ -113,6 +113,11 @@ def _variants(case):
             yield (f"{case.name}#{k}:const-weights", model_w, [feeds[n] for n in rest_w], outputs)
 
 
+def _array(v) -> np.ndarray:
+    """A data set's value as numpy (some cases, e.g. Cast's, store TensorProtos)."""
+    return numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v)
+
+
 def _run_op(op: str):
     variants = [v for case in _cases()[op] for v in _variants(case)]
     names = {f"t{i}": v for i, v in enumerate(variants)}
@@ -127,10 +132,10 @@ def _run_op(op: str):
                 failed.append(f"{label}: {type(res).__name__}: {str(res)[:600]}")
             continue
         try:
-            got = res.run(*inputs)
+            got = res.run(*map(_array, inputs))
             case_tol = next(c for c in _cases()[op] if c.name == label.split("#")[0])
             for g, e in zip(got, expected):
-                e = np.asarray(e)
+                e = _array(e)
                 assert g.shape == e.shape, f"shape {g.shape} != {e.shape}"
                 if e.dtype.kind in "iub":
                     np.testing.assert_array_equal(g, e)

@@ -18,21 +18,33 @@ from graphopt.errors import BackendError
 from . import ir, planner
 from .codegen import CodeGen, stamp
 from .kernels_data import DATA_OPS
+from .kernels_dynamic import DYNAMIC_OPS
 from .kernels_float import FLOAT_OPS
 from .kernels_int8 import INT8_OPS
+from .kernels_math import MATH_OPS
 from .kernels_pool import POOL_OPS
+from .kernels_transformer import TRANSFORMER_OPS
 from .qdq_lower import lower_qdq
 
 log = logging.getLogger(__name__)
 
-OPS: dict[str, Any] = {**DATA_OPS, **FLOAT_OPS, **POOL_OPS, **INT8_OPS}
+OPS: dict[str, Any] = {
+    **DATA_OPS,
+    **FLOAT_OPS,
+    **MATH_OPS,
+    **POOL_OPS,
+    **TRANSFORMER_OPS,
+    **INT8_OPS,
+    **DYNAMIC_OPS,
+}
 _FUSE_INTO = ("Conv", "Gemm", "MatMul", "Add")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def supported_ops() -> list[str]:
-    """The ONNX op types the C backend compiles (Constant and shape-only subgraphs fold)."""
-    return sorted([k for k in OPS if not k.endswith("_i8")] + ["Constant"])
+    """The ONNX op types the C backend compiles. Constant, Shape and Size always fold (shapes
+    are static); any other node whose inputs are all constant folds too."""
+    return sorted([k for k in OPS if not k.endswith("_i8")] + ["Constant", "Shape", "Size"])
 
 
 def compile_program(model, input_shapes=None, int8: bool = True) -> ir.Program:

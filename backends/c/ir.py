@@ -235,6 +235,23 @@ def _fold(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int) -> 
     return [np.asarray(r) for r in res]
 
 
+def _gather_elements(values: list[np.ndarray | None], attrs: dict[str, Any]) -> list[np.ndarray]:
+    """GatherElements: ``y[..., j, ...] = data[..., indices[..., j, ...], ...]`` along
+    ``axis``; the indices may be shorter than the data along the other axes."""
+    data, idx = values[0], np.asarray(values[1], np.int64)
+    axis = int(attrs.get("axis", 0)) % data.ndim
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    part = tuple(slice(None) if d == axis else slice(0, idx.shape[d]) for d in range(data.ndim))
+    return [np.take_along_axis(data[part], idx, axis)]
+
+
+# folded with numpy: onnx.reference fails on these (GatherElements with indices shorter than
+# the data along another axis, as torch.export's BERT position ids have)
+_NUMPY_FOLDS = {"GatherElements": _gather_elements}
+# ops this module folds itself whenever their input's shape is known
+_SHAPE_OPS = {"Shape", "Size"}
+
+
 def load(
     model: onnx.ModelProto | str | os.PathLike,
     ops: dict[str, Any],
@@ -284,7 +301,7 @@ def load(
             )
         if any(i in unknown for i in onode.input if i):
             unknown.update(o for o in onode.output if o)
-            if domain or op not in ops:
+            if domain or (op not in ops and op not in _SHAPE_OPS):
                 unsupported_ops[full].append(name)
             continue
         ins = [tensors[i] if i else None for i in onode.input]
@@ -306,9 +323,11 @@ def load(
                 )
             ):
                 try:
-                    value_list = _fold(
-                        onode, [t.value if t is not None else None for t in ins], opset
-                    )
+                    values = [t.value if t is not None else None for t in ins]
+                    if op in _NUMPY_FOLDS:
+                        value_list = _NUMPY_FOLDS[op](values, attrs)
+                    else:
+                        value_list = _fold(onode, values, opset)
                 except Exception as e:
                     log.debug("cannot fold %s %r: %s", op, name, e)
                     value_list = None

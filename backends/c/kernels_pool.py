@@ -1,4 +1,5 @@
-"""Pooling, Softmax and ReduceMean (float32; MaxPool also on integers)."""
+"""Pooling, Softmax, ReduceMean (float32) and ReduceSum (MaxPool and ReduceSum also on
+integers)."""
 
 from __future__ import annotations
 
@@ -117,12 +118,22 @@ class Softmax(Op):
         )
 
 
-class ReduceMean(Op):
+class Reduce(Op):
+    """``ReduceSum`` / ``ReduceMean`` over ``axes`` (all when absent, none with
+    ``noop_with_empty_axes``): ``y = sum(x)`` (``/ count`` for the mean), accumulated in the
+    output. ``axes`` is an input from ``axes_input_since`` on, an attribute before."""
+
+    def __init__(self, kind: str, axes_input_since: int):
+        self.kind, self.since = kind, axes_input_since
+
     def infer(self, node, ins):
         x = need(ins, 0, "data")
-        float_only(node, x)
+        if self.kind == "mean":
+            float_only(node, x)
+        elif x.dtype not in NUMERIC:
+            raise Unsupported(f"dtype {x.dtype}")
         r = len(x.shape)
-        axes = node.attr("axes") if node.opset < 18 else const_ints(ins, 1, "axes")
+        axes = node.attr("axes") if node.opset < self.since else const_ints(ins, 1, "axes")
         keep = int(node.attr("keepdims", 1))
         if not axes:
             if int(node.attr("noop_with_empty_axes", 0)):
@@ -131,26 +142,30 @@ class ReduceMean(Op):
                 axes = list(range(r))
         axes = sorted({norm_axis(int(a), r, node) for a in axes})
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-        if count == 0:
+        if count == 0 and self.kind == "mean":
             raise Unsupported("mean over an empty axis")
         out = [1 if i in axes else d for i, d in enumerate(x.shape)]
         node.extra.update(keep_shape=out, count=count)
         if not keep:
             out = [d for i, d in enumerate(x.shape) if i not in axes]
-        return [(out, FLOAT)]
+        return [(out, x.dtype)]
 
     def emit(self, node, cg):
         x, y = cg.t(node.inputs[0]), cg.t(node.outputs[0])
         kshape = node.extra["keep_shape"]
         shp, (xs, ys) = collapse(x.shape, [strides_of(x.shape), broadcast_strides(kshape, x.shape)])
         body = f"y[{index_expr('i', ys)}] += x[{index_expr('i', xs)}];"
-        return (
-            f"  const float *x = {cg.ptr(x.name)};\n  float *y = {cg.ptr(y.name)};\n"
-            f"  {{ long j; for (j = 0; j < {y.size}; ++j) y[j] = 0.f; }}\n"
-            + (loop_nest(shp, body) if x.size else "")
-            + f"\n  {{ long j; for (j = 0; j < {y.size}; ++j) y[j] /= "
-            f"{c_float(node.extra['count'])}; }}"
+        code = (
+            f"  const {x.ctype} *x = {cg.ptr(x.name)};\n  {y.ctype} *y = {cg.ptr(y.name)};\n"
+            f"  {{ long j; for (j = 0; j < {y.size}; ++j) y[j] = 0; }}\n"
+            + (loop_nest(shp, body) if x.size else "  (void)x;")
         )
+        if self.kind == "mean":
+            code += (
+                f"\n  {{ long j; for (j = 0; j < {y.size}; ++j) y[j] /= "
+                f"{c_float(node.extra['count'])}; }}"
+            )
+        return code
 
 
 POOL_OPS: dict[str, Op] = {
@@ -158,5 +173,6 @@ POOL_OPS: dict[str, Op] = {
     "AveragePool": Pool("avg"),
     "GlobalAveragePool": GlobalAveragePool(),
     "Softmax": Softmax(),
-    "ReduceMean": ReduceMean(),
+    "ReduceMean": Reduce("mean", 18),
+    "ReduceSum": Reduce("sum", 13),
 }

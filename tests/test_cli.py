@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from graphopt.app import cli
+from graphopt.app.staging import MANIFEST
 from graphopt.errors import BackendError, ModelSpecError
 from graphopt.zoo import digits
 from graphopt.zoo.models import load_model
@@ -47,7 +48,12 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
 
 
 def test_run_writes_reloadable_outputs(run_dir, digits_cache):
-    assert sorted(p.name for p in run_dir.iterdir()) == ["model.onnx", "model.pt2", "report.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        MANIFEST,
+        "model.onnx",
+        "model.pt2",
+        "report.json",
+    ]
     reloaded = torch.export.load(run_dir / "model.pt2").module()  # plain torch, no pickle
     original = digits.pretrained_vgg()
     x = digits.load_digits_data().x_test
@@ -81,7 +87,11 @@ def test_run_prints_summary_and_table(digits_cache, tmp_path, capsys):
     rows = [line.split("|")[0].strip() for line in out.splitlines()]
     assert "original" in rows and "optimized" in rows
     assert "top-1 (torch)" in out
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.pt2", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        MANIFEST,
+        "model.pt2",
+        "report.json",
+    ]
 
 
 MAKERS = """

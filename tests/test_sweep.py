@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 from graphopt.app import cli
+from graphopt.app.staging import MANIFEST
 
 
 def test_sweep_writes_csv_and_png(digits_cache, tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_sweep_writes_csv_and_png(digits_cache, tmp_path, capsys):
     )  # fmt: skip
     text = capsys.readouterr().out
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "tradeoff.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "sweep.csv", "tradeoff.png"]
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [(r["ratio"], r["variant"]) for r in rows] == [

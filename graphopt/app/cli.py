@@ -10,8 +10,10 @@ The commands live in :mod:`.run` (``run``) and :mod:`.commands` (``passes``, ``i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from graphopt import __version__
 from graphopt.app import demo, sweep
@@ -302,6 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so staged outputs are cleaned up the same way."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -314,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     args.debug = getattr(args, "debug", False)
     args.verbose = getattr(args, "verbose", 0)
-    with stderr_logging(args.verbose):
+    with stderr_logging(args.verbose), _sigterm_as_interrupt():
         try:
             return args.func(args)
         except GraphoptError as e:
@@ -322,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
             error(str(e))
             return EXIT_USAGE
+        except Terminated:
+            error("terminated (SIGTERM); earlier outputs are intact")
+            return 143
         except KeyboardInterrupt:
             error("interrupted")
             return 130

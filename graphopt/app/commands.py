@@ -9,7 +9,7 @@ from pathlib import Path
 
 from graphopt.app import demo
 from graphopt.app.console import UsageError, echo, progress, quiet_stdout
-from graphopt.app.loading import inputs_text, load_cli_data, load_spec, trace_model
+from graphopt.app.loading import inputs_text, load_cli_data, load_spec, shape_text, trace_model
 from graphopt.app.ort import load_ort
 from graphopt.app.staging import staged_outputs
 from graphopt.errors import DataError, GraphoptError
@@ -117,10 +117,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = Path(args.model)
         if not path.is_file():
             raise GraphoptError(f"ONNX file {str(path)!r} does not exist")
+        shapes = _bench_shapes(path, args)
+        inputs = None
+        if shapes:
+            inputs = [_random_input(shape, dtype) for shape, dtype in shapes.values()]
         rows.append(
-            ["onnxruntime", ort_backend.benchmark(path, threads=args.threads, runs=args.runs)]
+            [
+                "onnxruntime",
+                ort_backend.benchmark(path, threads=args.threads, runs=args.runs, inputs=inputs),
+            ]
         )
-        title = f"{path}"
+        title = f"{path}" + (
+            f" (input {', '.join(shape_text(s) for s, _ in shapes.values())})" if shapes else ""
+        )
     else:
         model, inputs = load_spec(args.model, args.input_shape, args.input, args.trust_pickle)
         graph = trace_model(model, inputs, args)
@@ -164,7 +173,9 @@ def cmd_emit_c(args: argparse.Namespace) -> int:
             shapes[key] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
         except ValueError:
             raise UsageError(f"--input-shape {item!r}: expected NAME=1,3,32,32") from None
-    report = emit(path, args.out, name=args.name, input_shapes=shapes or None)
+    check_onnx_shapes(path, shapes)
+    with staged_outputs(Path(args.out)) as stage:
+        report = emit(path, stage, name=args.name, input_shapes=shapes or None)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(report.get("op_counts", {}).items()))
     echo(f"{args.name}: {ops}")
     echo(
@@ -173,6 +184,80 @@ def cmd_emit_c(args: argparse.Namespace) -> int:
     )
     echo(f"wrote {args.name}.h, {args.name}.c, {args.name}_weights.c, report.json to {args.out}")
     return 0
+
+
+def onnx_inputs(path: Path) -> list[tuple[str, list[int | str], int]]:
+    """``(name, dims, element type)`` of each graph input of the ONNX file (symbolic dims as
+    their names), read without its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise GraphoptError(f"cannot read {str(path)!r} as ONNX: {e}") from e
+    weights = {t.name for t in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in weights:
+            continue
+        t = i.type.tensor_type
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+        ]
+        out.append((i.name, dims, t.elem_type))
+    return out
+
+
+def check_onnx_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each given shape names an input of the file and agrees with its fixed dimensions."""
+    inputs = {name: dims for name, dims, _ in onnx_inputs(path)}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise UsageError(
+                f"--input-shape {name}=...: {str(path)!r} has no input {name!r} "
+                f"(its inputs: {', '.join(inputs) or 'none'})"
+            )
+        dims = inputs[name]
+        fixed_ok = len(dims) == len(shape) and all(
+            not isinstance(d, int) or d in (0, s) for d, s in zip(dims, shape)
+        )
+        if not fixed_ok:
+            want = "x".join(str(d) for d in dims)
+            raise UsageError(
+                f"--input-shape {name}={shape_text(shape)} does not fit {str(path)!r}: input "
+                f"{name!r} is {want} (only its symbolic dimensions can be chosen)"
+            )
+
+
+def _bench_shapes(path: Path, args) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``--input-shape`` / ``--input`` for an .onnx file, checked against its inputs."""
+    from graphopt.zoo.models import parse_shape
+
+    inputs = onnx_inputs(path)
+    if args.input_shape is not None:
+        if len(inputs) != 1:
+            names = ", ".join(n for n, _, _ in inputs)
+            raise UsageError(f"{str(path)!r} has several inputs ({names}); use --input NAME=DIMS")
+        shapes = {inputs[0][0]: parse_shape(args.input_shape)}
+    else:
+        shapes = {name: tuple(shape) for name, shape, _ in args.input}
+    check_onnx_shapes(path, shapes)
+    types = {name: elem for name, _, elem in inputs}
+    missing = [n for n, dims, _ in inputs if shapes and n not in shapes]
+    if missing:
+        raise UsageError(f"give a shape for every input of {str(path)!r}; missing: {missing}")
+    return {name: (shape, types[name]) for name, shape in shapes.items()}
+
+
+def _random_input(shape: tuple[int, ...], elem_type: int):
+    import numpy as np
+    import onnx
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, 2, size=shape).astype(dtype)
 
 
 # -- demo --------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="graphopt-rank-") as scratch:
             pipeline.run(graph, data=data.train if data is not None else None, out_dir=scratch)
         return 0
-    with staged_outputs(out) as stage:
+    distills = any(getattr(spec.cls, "name", "") == "distill" for spec in pipeline.specs)
+    with staged_outputs(out, keep=("distill",) if distills else ()) as stage:
         result = pipeline.run(
             graph,
             data=data.train if data is not None else None,
@@ -87,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows["optimized"]["top1"] = top1(result.graph.module, data.test)
         seconds = time.perf_counter() - t0
         report = _run_report(args, pipeline, original.example_inputs, result, rows, seconds)
-        write_json(stage / "report.json", report)
+        write_json(stage / "report.json", final_paths(report, stage, out))
         written = [p.name + ("/" if p.is_dir() else "") for p in stage.iterdir()]
     echo(result.summary())
     echo()
@@ -194,6 +195,18 @@ def _ort_compare(args, original, optimized, stage: Path, rows: dict, data) -> No
 
 
 INT8_MIN_COSINE = 0.999
+
+
+def final_paths(report: Any, stage: Path, out: Path) -> Any:
+    """``report`` with every path into the staging directory pointing into ``out`` instead,
+    where the file will be once the run succeeds."""
+    if isinstance(report, dict):
+        return {k: final_paths(v, stage, out) for k, v in report.items()}
+    if isinstance(report, list):
+        return [final_paths(v, stage, out) for v in report]
+    if isinstance(report, str) and report.startswith(str(stage)):
+        return str(out) + report[len(str(stage)) :]
+    return report
 
 
 def _is_quantized(graph) -> bool:

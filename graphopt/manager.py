@@ -67,6 +67,12 @@ class PassSpec:
     def instantiate(self) -> Pass:
         return self.cls(self.options)
 
+    def trains(self) -> bool:
+        """The pass, or a pipeline nested in its options, trains the weights."""
+        return self.cls.trains(self.options) or any(
+            s.trains() for p in self.nested for s in p.specs
+        )
+
     def uses_data(self) -> bool:
         """The pass, or a pipeline nested in its options, cannot run without data."""
         return self.cls.uses_data(self.options) or any(p.uses_data() for p in self.nested)
@@ -189,6 +195,16 @@ class Pipeline:
         return any(s.uses_teacher() for s in self.specs)
 
     # -- running --------------------------------------------------------------------------------
+    def _warn_about_effects(self) -> None:
+        """Warn about a pipeline that cannot do what it says: no passes at all, or a pass
+        whose effect needs training that no later pass does."""
+        if not self.specs:
+            log.warning("the pipeline is empty: the model is left as traced")
+        for i, spec in enumerate(self.specs):
+            why = spec.cls.needs_training_after(spec.options)
+            if why and not any(later.trains() for later in self.specs[i + 1 :]):
+                log.warning("%s: %s, and no pass after it trains, so it changes nothing", spec, why)
+
     def run(
         self,
         graph: Graph,
@@ -216,6 +232,7 @@ class Pipeline:
                 "use graphopt.trace(model, example_inputs) or graphopt.compress(...)"
             )
         data = prepare(data)
+        self._warn_about_effects()
         for spec in self.specs:
             if spec.uses_data() and data is None:
                 raise DataError(

@@ -119,6 +119,17 @@ class Pass:
         return cls.needs_data
 
     @classmethod
+    def trains(cls, options: Any) -> bool:
+        """Whether this pass, with these options, trains the weights (fine-tuning, distilling)."""
+        return False
+
+    @classmethod
+    def needs_training_after(cls, options: Any) -> str | None:
+        """Why this pass, with these options, has no effect unless a later pass trains (the
+        manager warns when none does), else ``None``."""
+        return None
+
+    @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""

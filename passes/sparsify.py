@@ -115,6 +115,12 @@ class Sparsify(Pass):
     exact = False
     Options = SparsifyOptions
 
+    @classmethod
+    def needs_training_after(cls, options: SparsifyOptions) -> str | None:
+        if options.schedule == "polynomial":
+            return "schedule=polynomial only sets masks that tighten during training"
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: SparsifyOptions = self.options
         gm = graph.module

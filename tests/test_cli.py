@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -321,3 +322,27 @@ def test_inspect_lists_quantization_sensitivity(capsys):
     assert "features.0" in table and "classifier" in table and "SQNR" in table
     code, _, err = invoke(capsys, "inspect", "digits:vgg", "--quant-sensitivity")
     assert code == 2 and "needs --data" in err
+
+
+def test_every_option_has_help_and_says_its_default():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or action.dest in ("debug", "verbose"):
+                continue
+            where = f"graphopt {command} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            shown = action.default not in (None, False, [], argparse.SUPPRESS)
+            if shown and action.option_strings:
+                assert "default" in action.help, f"{where} does not say its default"
+
+
+def test_passes_name_shows_one_pass(capsys):
+    code, out, err = invoke(capsys, "passes", "prune")
+    assert code == 0, err
+    assert out.startswith("prune  [lossy") and "max-ratio" in out and "fold-bn" not in out
+    code, out, err = invoke(capsys, "passes", "prnue")
+    assert_one_error_line(code, err, "unknown pass 'prnue'", "did you mean 'prune'")
+    code, out, err = invoke(capsys, "run", "--help")
+    assert code == 0 and "graphopt passes NAME" in " ".join(out.split())

@@ -3,6 +3,7 @@ drift, summaries, ``compress`` and registering function passes."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -472,3 +473,22 @@ def test_print_after_writes_without_logging_configured(capsys):
     Pipeline.parse("fold-bn").run(graph, instruments=[PrintAfter(["fold-bn"])])
     err = capsys.readouterr().err
     assert "// graph after 01-fold-bn" in err and "call_module[0]" in err
+
+
+def test_a_pipeline_that_cannot_do_anything_warns(caplog):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="graphopt.manager"):
+        Pipeline.parse("").run(graphopt.trace(net, x))
+    assert "the pipeline is empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="graphopt.manager"):
+        Pipeline.parse("sparsify(schedule=polynomial)").run(graphopt.trace(net, x))
+    assert "no pass after it trains" in caplog.text
+    caplog.clear()
+    data = [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))]
+    with caplog.at_level(logging.WARNING, logger="graphopt.manager"):
+        Pipeline.parse("sparsify(schedule=polynomial),distill(epochs=1)").run(
+            graphopt.trace(net, x), data=data
+        )
+    assert "no pass after it trains" not in caplog.text

@@ -61,6 +61,10 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+THREADS_HELP = "ONNX Runtime intra-op threads for latency (default: %(default)s)"
+RUNS_HELP = "timed runs per latency measurement (default: %(default)s)"
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -73,7 +77,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--input-shape",
         metavar="SHAPE",
         action=_InputShape,
-        help="example input shape, e.g. 1,3,224,224",
+        help="example input shape, e.g. 1,3,224,224 (default: the model's own, e.g. 1x1x8x8 "
+        "for digits:vgg, 1x3x224x224 for most others)",
     )
     p.add_argument(
         "--input",
@@ -199,9 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run a pipeline on a model and export it")
     _model_args(p)
-    p.add_argument("--pipeline", required=True, metavar="TEXT", help="e.g. 'fold-bn,dce'")
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="where model.pt2, model.onnx, report.json go"
+        "--pipeline",
+        required=True,
+        metavar="TEXT",
+        help="passes to run, e.g. 'fold-bn,prune(ratio=0.5),qdq'; 'graphopt passes' lists "
+        "them and 'graphopt passes NAME' shows one pass's options",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="directory for model.pt2, model.onnx, report.json (replaced as a whole when the "
+        "run succeeds; a graphopt-manifest.json lists the run's files)",
     )
     p.add_argument(
         "--backend",
@@ -225,11 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PASS",
         help="print the graph after PASS (comma-separated or repeated; 'all' for every pass)",
     )
-    p.add_argument("--dump-dir", metavar="DIR", help="numbered graph dumps after each pass")
-    p.add_argument("--threads", type=_positive_int, default=1, help="ORT threads for latency")
     p.add_argument(
-        "--runs", type=_positive_int, default=30, help="timed runs per latency measurement"
+        "--dump-dir",
+        metavar="DIR",
+        help="write numbered graph dumps after each pass (default: none)",
     )
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument("--runs", type=_positive_int, default=30, help=RUNS_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -250,15 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="pipeline with {ratio} (default %(default)s)",
     )
-    p.add_argument("--out", default="graphopt-sweep", metavar="DIR")
-    p.add_argument("--threads", type=_positive_int, default=1)
-    p.add_argument("--runs", type=_positive_int, default=50)
+    p.add_argument(
+        "--out",
+        default="graphopt-sweep",
+        metavar="DIR",
+        help="directory for sweep.csv and tradeoff.png (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument("--runs", type=_positive_int, default=50, help=RUNS_HELP)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("emit-c", parents=[common], help="compile an ONNX model to C99 sources")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--name", default="model", help="C prefix and file stem (default model)")
+    p.add_argument(
+        "model", metavar="MODEL.onnx", help="the ONNX file to compile (float or QDQ int8)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="directory for NAME.h, NAME.c, NAME_weights.c and report.json",
+    )
+    p.add_argument("--name", default="model", help="C prefix and file stem (default: %(default)s)")
     p.add_argument(
         "--input-shape",
         action="append",
@@ -269,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_emit_c)
 
     p = sub.add_parser("passes", parents=[common], help="list every pass with its options")
+    p.add_argument(
+        "name", nargs="?", metavar="NAME", help="show only this pass (default: every pass)"
+    )
     p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("inspect", parents=[common], help="per-layer params, MACs and bytes")
@@ -284,16 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="latency of an .onnx file or a model")
     _model_args(p)
-    p.add_argument("--threads", type=_positive_int, default=1)
-    p.add_argument("--runs", type=_positive_int, default=30)
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument("--runs", type=_positive_int, default=30, help=RUNS_HELP)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[common], help=f"compress {demo.MODEL} and print the table")
     p.add_argument(
         "--out", default=demo.OUT, metavar="DIR", help=f"output directory (default ./{demo.OUT})"
     )
-    p.add_argument("--threads", type=_positive_int, default=1)
-    p.add_argument("--runs", type=_positive_int, default=200)
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument("--runs", type=_positive_int, default=200, help=RUNS_HELP)
     p.add_argument("--ratio", type=_ratio, default=0.5, help="prune ratio (default %(default)s)")
     p.add_argument(
         "--epochs", type=_positive_int, default=30, help="distill epochs (default %(default)s)"

@@ -23,7 +23,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
     from graphopt.registry import REGISTRY
 
     blocks = []
-    for name, cls in REGISTRY.items():
+    items = REGISTRY.items()
+    if getattr(args, "name", None):
+        items = [(args.name, REGISTRY.get(args.name))]  # unknown: UnknownPassError, nearest name
+    for name, cls in items:
         kind = "exact" if cls.exact else "lossy"
         lines = [f"{name}  [{kind}, {REGISTRY.origin(name)}]"]
         if cls.summary():

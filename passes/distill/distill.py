@@ -25,6 +25,10 @@ class Distill(Pass):
     def uses_teacher(cls, options: DistillOptions) -> bool:
         return options.teacher is None  # a teacher from a file needs no snapshot of the graph
 
+    @classmethod
+    def trains(cls, options) -> bool:
+        return options.epochs > 0
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts: DistillOptions = self.options
         default = None if opts.teacher else ctx.teacher

@@ -216,7 +216,7 @@ def check_onnx_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     inputs = {name: dims for name, dims, _ in onnx_inputs(path)}
     for name, shape in shapes.items():
         if name not in inputs:
-            raise UsageError(
+            raise DataError(
                 f"--input-shape {name}=...: {str(path)!r} has no input {name!r} "
                 f"(its inputs: {', '.join(inputs) or 'none'})"
             )
@@ -226,7 +226,7 @@ def check_onnx_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         )
         if not fixed_ok:
             want = "x".join(str(d) for d in dims)
-            raise UsageError(
+            raise DataError(
                 f"--input-shape {name}={shape_text(shape)} does not fit {str(path)!r}: input "
                 f"{name!r} is {want} (only its symbolic dimensions can be chosen)"
             )
@@ -240,7 +240,7 @@ def _bench_shapes(path: Path, args) -> dict[str, tuple[tuple[int, ...], int]]:
     if args.input_shape is not None:
         if len(inputs) != 1:
             names = ", ".join(n for n, _, _ in inputs)
-            raise UsageError(f"{str(path)!r} has several inputs ({names}); use --input NAME=DIMS")
+            raise DataError(f"{str(path)!r} has several inputs ({names}); use --input NAME=DIMS")
         shapes = {inputs[0][0]: parse_shape(args.input_shape)}
     else:
         shapes = {name: tuple(shape) for name, shape, _ in args.input}
@@ -248,7 +248,7 @@ def _bench_shapes(path: Path, args) -> dict[str, tuple[tuple[int, ...], int]]:
     types = {name: elem for name, _, elem in inputs}
     missing = [n for n, dims, _ in inputs if shapes and n not in shapes]
     if missing:
-        raise UsageError(f"give a shape for every input of {str(path)!r}; missing: {missing}")
+        raise DataError(f"give a shape for every input of {str(path)!r}; missing: {missing}")
     return {name: (shape, types[name]) for name, shape in shapes.items()}
 
 

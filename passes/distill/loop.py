@@ -464,7 +464,9 @@ def distill(
         elif best is not None and history and best[1] != history[-1].epoch:
             inner.load_state_dict(best[2])
         gm.eval()
-    return _report(opts, pairs, adapters, history, best, world, labelled, ckpt_dir, t_start)
+    report = _report(opts, pairs, adapters, history, best, world, labelled, ckpt_dir, t_start)
+    report["resumed_at_epoch"] = start_epoch  # epochs the checkpoint had already done
+    return report
 
 
 def _report(opts, pairs: list[FeaturePair], adapters, history, best, world, labelled, ckpt_dir, t0):

@@ -36,7 +36,8 @@ class _Parser:
 
     def error(self, what: str) -> PipelineSyntaxError:
         pointer = " " * self.i + "^"
-        return PipelineSyntaxError(f"{what} at column {self.i + 1}:\n  {self.text}\n  {pointer}")
+        shown = "".join(c if c.isprintable() else " " for c in self.text)  # one line, aligned
+        return PipelineSyntaxError(f"{what} at column {self.i + 1}:\n  {shown}\n  {pointer}")
 
     def skip_ws(self) -> None:
         while self.i < len(self.text) and self.text[self.i].isspace():

@@ -106,3 +106,43 @@ def test_dynamic_leaves_convolutions_and_skips_alone(registry):
     assert result.reports[0].details["skipped"][0]["module"] == "out"
     with pytest.raises(graphopt.PassFailure, match="already quantized"):
         Pipeline.parse("qdq(activations=dynamic)", registry=registry).run(result.graph)
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> linear, with one row far larger than the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.emb.weight[7] *= 100.0  # one per-tensor scale would flatten every other row
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_embedding_tables_become_int8_rows_and_run_in_ort(tmp_path):
+    from graphopt.quant.observers import sqnr_db
+    from graphopt.quant.dynamic import QuantEmbedding
+
+    torch.manual_seed(0)
+    net = Tokens().eval()
+    ids = torch.randint(0, 50, (2, 12))
+    ref = net(ids).detach()
+    g = graphopt.trace(net, ids)
+    result = graphopt.Pipeline.parse("qdq(activations=dynamic)").run(g)
+    assert isinstance(g.module.get_submodule("emb"), QuantEmbedding)
+    assert g.module.get_submodule("emb").weight_int8.dtype == torch.int8
+    assert "1 embedding table" in result.reports[0].details["summary"]
+    ops = {r["module"]: r["op"] for r in result.reports[0].details["layers"]}
+    assert ops["emb"] == "embedding (int8 rows)"
+    # each row keeps its own step: the large row does not coarsen the others
+    assert sqnr_db(ref, g.module(ids).detach()) > 30
+    path = gort.export(g, tmp_path / "tokens.onnx")
+    kinds = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert kinds["Gather"] >= 2 and kinds["MatMulInteger"] == 1
+    assert gort.check_parity(g, path, rtol=1e-5)["ok"]
+    kept = graphopt.trace(net, ids)
+    graphopt.Pipeline.parse("qdq(activations=dynamic,embeddings=float)").run(kept)
+    assert type(kept.module.get_submodule("emb")) is nn.Embedding

@@ -103,3 +103,29 @@ def _dynamic_linear_onnx(x, weight_t, weight_scale, bias=None):
 
 
 ONNX_TRANSLATIONS = {torch.ops.graphopt.dynamic_linear.default: _dynamic_linear_onnx}
+
+
+class QuantEmbedding(nn.Module):
+    """An Embedding stored as int8 rows with one float scale per row (symmetric):
+    ``s_i = max_j |W_ij| / qmax``, ``q_ij = round(W_ij / s_i)``, and a lookup returns
+    ``q[ids] * s[ids]``, so only the rows read are dequantized (ONNX: Gather on the int8 table,
+    Cast, Mul by the gathered scales). Per-row scales keep each token's vector to ~qmax
+    levels of its own range, where one scale for the whole table (ORT's ``quantize_dynamic``)
+    lets rare large rows set the step for all."""
+
+    def __init__(self, embedding: nn.Embedding, qmax: int = 127):
+        super().__init__()
+        w = embedding.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny) / qmax
+        self.register_buffer(
+            "weight_int8", torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
+        )
+        self.register_buffer("weight_scale", scale)
+        self.num_embeddings, self.embedding_dim = w.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(ids, self.weight_int8).to(self.weight_scale.dtype)
+        return rows * torch.nn.functional.embedding(ids, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, per-row scales"

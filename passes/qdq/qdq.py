@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from graphopt.cpu import cpu_int8, resolve_target, weight_qmax
 from graphopt.errors import DataError
@@ -59,7 +60,7 @@ from graphopt.passes.qdq.rewrite import (
     unit_report,
 )
 from graphopt.passes.qdq.smooth import smooth
-from graphopt.quant.dynamic import DynamicQuantLinear
+from graphopt.quant.dynamic import DynamicQuantLinear, QuantEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,15 @@ class QDQOptions:
     activations: Literal["uint8", "int8", "dynamic"] = field(
         default="uint8",
         metadata={
-            "help": "asymmetric activation type; dynamic: Linear layers only, inputs "
+            "help": "asymmetric activation type; dynamic: Linear layers (and embedding tables), inputs "
             "quantized per call (no calibration)"
+        },
+    )
+    embeddings: Literal["int8", "float"] = field(
+        default="int8",
+        metadata={
+            "help": "activations=dynamic: store nn.Embedding tables as int8 rows with per-row "
+            "scales (a lookup dequantizes only the rows it reads), or keep them float"
         },
     )
     calibration: Literal["minmax", "percentile", "mse", "entropy"] = field(
@@ -392,7 +400,8 @@ class QDQ(Pass):
             )
             set_submodule(gm, str(n.target), layer)
             done.append(n)
-        if not done:
+        tables = self._embeddings(gm, sites, skipped) if opts.embeddings == "int8" else []
+        if not done and not tables:
             return PassResult(False, {"summary": "no Linear layer to quantize", "skipped": skipped})
         gm.recompile()
         inputs = graph.example_inputs
@@ -400,13 +409,14 @@ class QDQ(Pass):
             for batch, _ in ctx.batches():
                 inputs = batch
                 break
-        layers = dynamic_report(reference, gm, done, inputs)
+        layers = dynamic_report(reference, gm, done + tables, inputs)
         sqnrs = [r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None]
         worst = f"; min SQNR {min(sqnrs):.1f} dB" if sqnrs else ""
+        emb = f", {len(tables)} embedding table(s) int8 per row" if tables else ""
         return PassResult(
             True,
             {
-                "summary": f"dynamic int8: {len(done)} linear{worst}",
+                "summary": f"dynamic int8: {len(done)} linear{emb}{worst}",
                 "mode": "ptq",
                 "layers": layers,
                 "skipped": skipped,
@@ -414,6 +424,24 @@ class QDQ(Pass):
                 **({"smooth": smoothed} if smoothed else {}),
             },
         )
+
+    def _embeddings(self, gm: fx.GraphModule, sites, skipped: list) -> list[fx.Node]:
+        """Every plain ``nn.Embedding`` (not skipped, called once, no max_norm) becomes a
+        :class:`QuantEmbedding`."""
+        opts: QDQOptions = self.options
+        done = []
+        for n in gm.graph.nodes:
+            if n.op != "call_module" or type(gm.get_submodule(str(n.target))) is not nn.Embedding:
+                continue
+            emb = gm.get_submodule(str(n.target))
+            pat = matches(opts.skip, n)
+            if pat is not None or sites[str(n.target)] > 1 or emb.max_norm is not None:
+                why = f"skip ({pat})" if pat else "called at several places or with max_norm"
+                skipped.append({"node": n.name, "module": str(n.target), "reason": why})
+                continue
+            set_submodule(gm, str(n.target), QuantEmbedding(emb))
+            done.append(n)
+        return done
 
 
 def _target_report(target: str) -> dict[str, Any]:

@@ -433,10 +433,11 @@ def dynamic_report(
     rows = []
     for n in nodes:
         ws = gm.get_submodule(str(n.target)).weight_scale
+        table = type(gm.get_submodule(str(n.target))).__name__ == "QuantEmbedding"
         row: dict[str, Any] = {
             "node": n.name,
             "module": str(n.target),
-            "op": "linear (dynamic)",
+            "op": "embedding (int8 rows)" if table else "linear (dynamic)",
             "weight_scale": {
                 "min": float(ws.min()),
                 "max": float(ws.max()),

@@ -123,8 +123,8 @@ class Tokens(nn.Module):
 
 
 def test_embedding_tables_become_int8_rows_and_run_in_ort(tmp_path):
-    from graphopt.quant.observers import sqnr_db
     from graphopt.quant.dynamic import QuantEmbedding
+    from graphopt.quant.observers import sqnr_db
 
     torch.manual_seed(0)
     net = Tokens().eval()

@@ -26,6 +26,15 @@ def _configs():
         ),
         "vit": t.ViTConfig(image_size=16, patch_size=4, hidden_size=32, **small),
         "gpt2": t.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "wav2vec2": t.Wav2Vec2Config(
+            hidden_size=32,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            **small,
+        ),  # fmt: skip
     }
 
 

@@ -266,3 +266,34 @@ def torch_benchmark(
     result = _stats(times, threads)
     result["batch"] = int(xs[0].shape[0]) if xs and xs[0].dim() else 0
     return result
+
+
+def fuse_transformer(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    num_heads: int,
+    hidden_size: int,
+    model_type: str = "bert",
+) -> dict[str, int]:
+    """Run ONNX Runtime's transformer fusions (``onnxruntime.transformers.optimizer``:
+    SkipLayerNormalization, BiasGelu, Attention, ... where its patterns match) on ``src`` and
+    write the result atomically to ``dst``. Returns the count of each fused operator, so a
+    caller sees which patterns matched. ORT documents running them before quantization."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:  # pragma: no cover - ships with onnxruntime
+        raise BackendError(f"onnxruntime.transformers is not available: {_first_line(e)}") from e
+    try:
+        model = optimize_model(
+            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size
+        )
+    except Exception as e:
+        raise BackendError(
+            f"ORT's transformer optimizer failed on {src} ({model_type}, {num_heads} heads, "
+            f"hidden {hidden_size}): {_first_line(e)}"
+        ) from e
+    with atomic_path(dst, suffix=".onnx") as tmp:
+        model.save_model_to_file(str(tmp))
+    fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    log.info("ORT transformer fusions on %s: %s", src, fused or "none matched")
+    return fused

@@ -420,3 +420,22 @@ def test_torch_benchmark_restores_threads(small):
     assert torch.get_num_threads() == before
     assert r["runs"] == 5 and r["threads"] == 1 and r["median_ms"] > 0
     assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+
+
+def test_ort_transformer_fusions_keep_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=99, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    graph = graphopt.trace(model, {"input_ids": torch.randint(0, 99, (1, 16))})
+    path = gort.export(graph, tmp_path / "bert.onnx")
+    fused = gort.fuse_transformer(path, tmp_path / "fused.onnx", num_heads=4, hidden_size=32)
+    assert fused.get("SkipLayerNormalization", 0) >= 2  # its patterns match graphopt's export
+    kinds = {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
+    assert "SkipLayerNormalization" in kinds
+    assert gort.check_parity(graph, tmp_path / "fused.onnx", rtol=1e-4)["ok"]
+    with pytest.raises(graphopt.BackendError, match="transformer optimizer failed"):
+        gort.fuse_transformer(tmp_path / "missing.onnx", tmp_path / "x.onnx", 4, 32)

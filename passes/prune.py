@@ -9,10 +9,19 @@ Importance of unit ``u`` in a group with members ``m`` (parameter slices along t
 dim): ``l1``: ``s_m(u) = Σ|w|``; ``l2``: ``s_m(u) = Σ w²``; ``bn-scale``: ``|γ|`` of the norm
 layers in the group (groups without one are left whole); ``taylor``: ``Σ|w · ∂L/∂w|`` summed
 over the data batches (``L`` is the cross-entropy with the labels, or with the model's own
-predictions when the batches carry none); ``random``. Member scores are combined with
+predictions when the batches carry none, per token for ``[B, T, C]`` outputs; the first
+tensor of a tuple or dict output is read); ``random``. Member scores are combined with
 ``reduce`` (mean, sum or max). ``scope=global`` ranks units of all groups together after
 dividing each group's scores by their mean. ``target=macs:F`` / ``params:F`` searches the
 ratio (bisection) until the pruned cost is within 2% of ``F`` times the original.
+
+Attention heads are units too: a head is the ``D`` rows of head ``h`` in the q, k and v
+projections and the same ``D`` columns of the output projection, one group per layer, so
+``ratio`` removes ``floor(ratio · H)`` whole heads of each layer (the report's ``heads`` lists
+each layer's count and says when the ratio was rounded; a layer always keeps a head) and the
+head score is the member scores over those rows and columns (``l2``: ``Σ w²`` of each; taylor
+likewise). With grouped-query attention a unit is one key/value head and its query group.
+``units=heads`` / ``units=channels`` prunes only one kind.
 
 The pass writes a pruning plan (``prune_plan.json`` in the run's output dir): for every
 member the indices removed along its dim. :func:`apply_plan` replays it on a fresh instance of
@@ -74,6 +83,13 @@ class PruneOptions:
     )
     scope: Literal["local", "global"] = field(
         default="local", metadata={"help": "rank within each group, or across all groups"}
+    )
+    units: Literal["all", "heads", "channels"] = field(
+        default="all",
+        metadata={
+            "help": "what to prune: attention heads (whole heads of q, k, v and the output "
+            "projection), channels (everything else: FFN widths, conv filters), or all"
+        },
     )
     max_ratio: float = field(
         default=0.9, metadata={"help": "never remove more than this fraction of a group"}
@@ -203,7 +219,9 @@ def taylor_grads(
                 break
             gm.zero_grad(set_to_none=True)
             out = gm(*inputs)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
+            logits = _first_tensor(out)
+            if labels is None and logits.dim() > 2:  # per-token outputs [B, T, C]: per token
+                logits = logits.reshape(-1, logits.shape[-1])
             target = labels if labels is not None else logits.detach().argmax(-1)
             loss = nn.functional.cross_entropy(logits, target)
             loss.backward()
@@ -215,6 +233,15 @@ def taylor_grads(
         for k, p in named.items():
             p.requires_grad_(was[k])
     return {tuple(k.rsplit(".", 1)) if "." in k else ("", k): g for k, g in grads.items()}
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output (a tensor, a tuple, or a dict / ``ModelOutput``)."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return next(t for t in out if isinstance(t, torch.Tensor))
+    return out
 
 
 # -- selection --------------------------------------------------------------------------------------
@@ -273,6 +300,11 @@ def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float)
     ca = ChannelAnalysis(graph)
     groups, skipped = [], []
     for g in ca.groups:
+        if opts.units != "all" and g.heads != (opts.units == "heads"):
+            skipped.append(
+                {"group": g.id, "producers": g.producers, "reason": f"units={opts.units}"}
+            )
+            continue
         owners = {ca.members[i].owner for i in g.members}
         hit = [glob for glob in opts.ignore if any(fnmatch.fnmatchcase(o, glob) for o in owners)]
         if hit:
@@ -309,12 +341,43 @@ def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float)
         )
     return {
         "groups": group_rows,
+        "heads": _head_rows(groups, chosen, opts, ratio),
         "skipped": skipped,
         "locked": ca.locked_summary(limit=0),
         "plan": members,
         "units_removed": int(len(removed_units)),
         "units_prunable": int(sum(g.size for g in ca.groups)),
     }
+
+
+def _head_rows(groups: list, chosen: dict, opts: PruneOptions, ratio: float) -> list[dict]:
+    """Per attention layer: heads before and after, and how the ratio was rounded.
+
+    A layer keeps at least one head: ``floor(ratio · H)`` heads go (``max-ratio`` and
+    ``round-to`` as for channels), and ``ratio < 1`` never reaches ``H``."""
+    rows = []
+    for g in groups:
+        if not g.heads:
+            continue
+        k = len(chosen.get(g.id, []))
+        row = {"layer": _layer_name(g.producers), "heads": int(g.size), "removed": k}
+        want = ratio * g.size
+        if opts.scope == "local" and abs(want - k) > 1e-9:
+            row["rounded"] = f"ratio {ratio:g} of {g.size} heads is {want:g}; removed {k}"
+            log.info("prune: %s: %s", row["layer"], row["rounded"])
+        rows.append(row)
+    return rows
+
+
+def _layer_name(paths: list[str]) -> str:
+    """The module path the given ones share (``a.attn`` for ``a.attn.q``, ``a.attn.k``)."""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) if common else ", ".join(paths)
 
 
 def _cost(graph: Graph, kind: str) -> int:
@@ -386,11 +449,23 @@ class Prune(Pass):
             "locked": rounds[0]["locked"],
             "units_removed": sum(r["units_removed"] for r in rounds),
             "units_prunable": rounds[0]["units_prunable"],
+            "heads": rounds[-1]["heads"] if opts.steps == 1 else [r["heads"] for r in rounds],
             "summary": (
                 f"removed {sum(r['units_removed'] for r in rounds)} of {rounds[0]['units_prunable']} "
                 f"prunable channels; params {params0:,} -> {params1:,}"
             ),
         }
+        heads = [h for r in rounds for h in r["heads"]]
+        if heads:
+            report["summary"] += (
+                f"; attention heads {sum(h['heads'] for h in rounds[0]['heads'])} -> "
+                f"{sum(h['heads'] - h['removed'] for h in rounds[-1]['heads'])}"
+                + (
+                    " (rounded down per layer, see heads)"
+                    if any("rounded" in h for h in heads)
+                    else ""
+                )
+            )
         if rounds[0]["units_prunable"] == 0 and ratio > 0:
             log.warning(
                 "prune: nothing to prune: no output channel of any layer is free to remove (%d "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.channels import ChannelAnalysis, Member
-from graphopt.channels.rules_shapes import _reshape_groups
+from graphopt.channels.rules_shapes import _refine, _reshape_groups
 
 X = torch.randn(2, 3, 6, 6)
 
@@ -217,3 +217,54 @@ def test_reshape_groups_pair_dims_whose_products_match():
     assert _reshape_groups((2, 3, 4), (2, 12)) == [([0], [0]), ([1, 2], [1])]
     assert _reshape_groups((6, 4), (4, 6)) == [([0, 1], [0, 1])]  # many-to-many
     assert _reshape_groups((6,), (4,)) is None
+
+
+class _Attention(nn.Module):
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
+
+    def forward(self, x):
+        b, t, e = x.shape
+        q, k, v = (
+            p(x).view(b, t, self.h, e // self.h).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, e))
+
+
+def test_attention_heads_couple_q_k_v_rows_and_o_columns_per_head():
+    ca = analyse(_Attention(), torch.randn(2, 5, 16))
+    uq = units(ca, "q", "out")
+    np.testing.assert_array_equal(uq, np.repeat(uq[::4], 4))  # a head's 4 rows: one unit
+    assert len(set(uq[::4].tolist())) == 4  # four heads
+    for owner, kind in (("k", "out"), ("v", "out"), ("o", "in")):
+        np.testing.assert_array_equal(units(ca, owner, kind), uq)
+    grp = group_of(ca, "q")
+    assert grp.heads and grp.size == 4 and grp.producers == ["k", "q", "v"]
+    # the head width is kept whole, and says why
+    assert "kept whole" in " ".join(ca.lock_reasons.values())
+
+
+def test_matmul_couples_the_contracted_dim_and_passes_rows_and_columns():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):  # [B, T, 8] @ [B, 8, T] -> [B, T, T], then @ [B, T, 8]
+            s = torch.matmul(self.a(x), self.b(x).transpose(1, 2))
+            return self.out(s @ self.c(x))
+
+    ca = analyse(Net(), torch.randn(2, 5, 16))
+    np.testing.assert_array_equal(units(ca, "a", "out"), units(ca, "b", "out"))
+    np.testing.assert_array_equal(units(ca, "c", "out"), units(ca, "out", "in"))
+    assert group_of(ca, "a").size == 8 and group_of(ca, "c").size == 8
+
+
+def test_refine_factors_both_sides_of_a_reshape():
+    assert _refine([2, 64], [8, 16]) == ([2, 4, 16], [(0, 1), (1, 3)], [(0, 2), (2, 3)])
+    assert _refine([1, 12], [12]) == ([12], [(0, 0), (0, 1)], [(0, 1)])
+    assert _refine([6, 4], [4, 6]) is None  # no common refinement

@@ -15,16 +15,19 @@ spreads to the whole unit, so only units every op agrees on can be removed. A un
 *prunable* when it is unlocked and holds a producer (an output channel of a conv / linear /
 embedding), so removing it saves work.
 
-Joint spaces: a reshape that splits one dimension into several (``[N, C] -> [N, g, C/g]``)
-keeps the split dims as one joint space with a row-major flat index; to keep every later
-reshape valid, elements are coupled across all but the innermost split dim (removal is
-"rectangular"). A reshape that merges dims couples the merged output with its outermost
-input dim and locks the inner ones.
+Reshapes: a reshape that splits or merges dims factors both sides into their common row-major
+refinement and prunes along one factor, the *carrier* (every other dim stays whole, so every
+later reshape stays valid): ``[N, C] -> [N, g, C/g]`` removes the same position from every
+group, ``flatten`` of ``[C, H, W]`` removes whole channels, and ``[B, T, H·D] -> [B, T, H, D]``
+feeding attention removes whole heads (:mod:`.rules_attention` couples q, k, v and the output
+projection per head through the products). Size arguments computed in the graph are kept
+valid: read at run time, rescaled (``B * H``) or written as constants (see
+:meth:`ChannelAnalysis._size_pairs`).
 
 Layout of the package: :mod:`.records` (the dataclasses), :mod:`.coupling` (spaces and the
-primitive facts), :mod:`.rules_modules`, :mod:`.rules_calls` and :mod:`.rules_shapes` (what each
-op couples or locks), this module (the visit, the solver, units and groups) and
-:mod:`.surgery` (removing units from a model). Build it with ``ChannelAnalysis(graph)`` or
+primitive facts), :mod:`.rules_modules`, :mod:`.rules_calls`, :mod:`.rules_shapes` and
+:mod:`.rules_attention` (what each op couples or locks), this module (the visit, the solver,
+units and groups) and :mod:`.surgery` (removing units from a model). Build it with ``ChannelAnalysis(graph)`` or
 ``graph.cached(ChannelAnalysis)``.
 """
 
@@ -44,6 +47,7 @@ from graphopt.graph import Graph, node_meta
 
 from .coupling import fn_name
 from .records import Group, Member, Rewrite, Space
+from .rules_attention import AttentionRules
 from .rules_calls import CallRules
 from .rules_modules import ModuleRules
 from .rules_shapes import ShapeRules
@@ -53,7 +57,7 @@ __all__ = ["ChannelAnalysis", "Group", "Member", "Rewrite", "Space"]
 log = logging.getLogger(__name__)
 
 
-class ChannelAnalysis(ModuleRules, CallRules, ShapeRules):
+class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
     """Spaces, couplings, locks, units and groups of one Graph (see the module docstring).
 
     Public results: :attr:`groups` (the prunable :class:`Group` s), :attr:`members` (the
@@ -97,6 +101,8 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules):
             if op == "call_method" and node.target in ("size", "dim"):
                 return True
             if op == "call_function" and node.target in (getattr, torch._assert, operator.eq):
+                return True
+            if op == "call_function" and node.target is torch.ops.aten.sym_size.int:
                 return True
             if op == "call_function" and node.target is operator.getitem:
                 src = node.args[0]
@@ -144,14 +150,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules):
             a = b = np.zeros(0, dtype=np.int64)
         mat = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
         self.n_units, self.labels = connected_components(mat, directed=False)
-        for a_id, b_id, where in self.size_pairs:
-            sa, sb = self.spaces[a_id], self.spaces[b_id]
-            ua = set(np.unique(self.labels[sa.elements()]).tolist())
-            ub = set(np.unique(self.labels[sb.elements()]).tolist())
-            if ua != ub:
-                reason = f"{where}: a shape read from {sb.node} sizes {sa.node}"
-                self._locks.append((sa.elements(), reason))
-                self._locks.append((sb.elements(), reason))
+        self._size_pairs()
         locked = np.zeros(self.n_units, dtype=bool)
         self.unit_lock_reason: dict[int, str] = {}
         for elems, reason in self._locks:
@@ -170,6 +169,35 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules):
                 produced[np.unique(self.units_of(m))] = True
         self.unit_prunable = produced & ~locked
         self._groups()
+
+    def _size_pairs(self) -> None:
+        """Keep every reshape size argument read from another tensor's shape valid.
+
+        Same units on both sides: the size read at run time follows the pruning. Otherwise, in
+        order: a product with an integer factor (``B * 4`` in ``[T, B·H, D]``) keeps its other
+        factors' sources fixed (locked) and the surgery rescales the factor (``"rescale"``); a
+        source locked anyway (a model input's width) lets the surgery write the new size as a
+        constant (``"constant"``); else both are locked.
+        """
+        pre = np.zeros(self.n_units, dtype=bool)
+        for elems, _ in self._locks:
+            pre[self.labels[elems]] = True
+        for a_id, b_id, where, dim, scalable in self.size_pairs:
+            sa, sb = self.spaces[a_id], self.spaces[b_id]
+            ua = set(np.unique(self.labels[sa.elements()]).tolist())
+            ub = set(np.unique(self.labels[sb.elements()]).tolist())
+            if ua == ub:
+                continue
+            if scalable:
+                self.size_modes[(where, dim)] = "rescale"
+                reason = f"{where}: its size argument is a multiple of a size of {sb.node}"
+                self._locks.append((sb.elements(), reason))
+            elif pre[list(ub)].all():
+                self.size_modes[(where, dim)] = "constant"
+            else:
+                reason = f"{where}: a shape read from {sb.node} sizes {sa.node}"
+                self._locks.append((sa.elements(), reason))
+                self._locks.append((sb.elements(), reason))
 
     def _groups(self) -> None:
         units = np.nonzero(self.unit_prunable)[0]
@@ -192,7 +220,8 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules):
             mem = [i for s in sig for i in member_by_space.get(s, [])]
             prods = sorted({self.members[i].owner for i in mem if self.members[i].kind == "out"})
             stats = any(sp in self.stat_spaces for sp in sig)
-            self.groups.append(Group(gid, np.array(sorted(us)), sig, mem, prods, stats))
+            heads = any(sp in self.head_spaces for sp in sig)
+            self.groups.append(Group(gid, np.array(sorted(us)), sig, mem, prods, stats, heads))
 
     # -- results -------------------------------------------------------------------------------------
     def units_of(self, member: Member) -> np.ndarray:

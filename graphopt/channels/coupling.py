@@ -1,11 +1,17 @@
 """The element index of a channel analysis and the facts recorded on it.
 
-:class:`Coupling` lays out the *spaces* of node outputs (a dim, or a joint run of dims, with
-flat row-major element numbering), records the primitive facts the rules state about them
-(:meth:`~Coupling.couple` two element arrays, :meth:`~Coupling.lock` a space with a reason,
-a parameter :class:`~.records.Member`) and offers the two generic couplings most rules reduce
-to: :meth:`~Coupling.elementwise` (right-aligned broadcasting) and
-:meth:`~Coupling.passthrough_dims` (a dim map, locking what it does not carry).
+:class:`Coupling` lays out the *spaces* of node outputs (one per dim, an element per index),
+records the primitive facts the rules state about them (:meth:`~Coupling.couple` two element
+arrays, :meth:`~Coupling.lock` a space with a reason, a parameter :class:`~.records.Member`)
+and offers the two generic couplings most rules reduce to: :meth:`~Coupling.elementwise`
+(right-aligned broadcasting) and :meth:`~Coupling.passthrough_dims` (a dim map, locking what
+it does not carry).
+
+While the rules are stated (in topological order) the index also tracks which spaces *bear*
+channels: a space coupled, so far, to the output channels of some producer. A reshape that
+merges or splits dims reads it to pick the dim it prunes along (see
+:meth:`~.rules_shapes.ShapeRules._regroup`); it changes no coupling, only which sound choice
+is made.
 """
 
 from __future__ import annotations
@@ -41,7 +47,14 @@ class Coupling:
         self._n = 0
         self.lock_reasons: dict[int, str] = {}  # space id -> first reason
         self.stat_spaces: set[int] = set()  # spaces normalised by LayerNorm/GroupNorm statistics
-        self.size_pairs: list[tuple[int, int, str]] = []  # spaces whose sizes must stay equal
+        # (target space, source space, reshape node, dim, rescalable): a reshape size argument
+        # computed from another tensor's size; the solver decides how it stays valid
+        self.size_pairs: list[tuple[int, int, str, int, bool]] = []
+        self.size_modes: dict[tuple[str, int], str] = {}  # (node, dim) -> "rescale"/"constant"
+        self.bearing: set[int] = set()  # spaces coupled to a producer's output channels so far
+        self.head_spaces: set[int] = set()  # head axes of attention products
+        self._bases: list[int] = []
+        self._base_arr = np.zeros(0, dtype=np.int64)
 
     # -- spaces -------------------------------------------------------------------------------
     def _shape(self, node: Any, out: int = 0) -> tuple[int, ...] | None:
@@ -58,29 +71,15 @@ class Coupling:
         s = Space(len(self.spaces), node, out, dims, sizes, self._n, inner)
         self._n += s.size
         self.spaces.append(s)
+        self._bases.append(s.base)
         return s
 
-    def _make_layout(
-        self,
-        node: fx.Node,
-        out: int,
-        groups: list[tuple[int, ...]] | None = None,
-        inner: dict | None = None,
-    ) -> list[Space]:
-        """Create the spaces of one node output: ``groups`` lists joint dims; others single."""
+    def _make_layout(self, node: fx.Node, out: int = 0) -> list[Space]:
+        """Create the spaces of one node output, one per dim."""
         shape = self._shape(node, out)
         if shape is None:
             return []
-        joint = {g[0]: g for g in (groups or []) if len(g) > 1}
-        spaces = []
-        d = 0
-        while d < len(shape):
-            dims = joint.get(d, (d,))
-            sizes = tuple(shape[i] for i in dims)
-            spaces.append(
-                self._new_space(node.name, out, dims, sizes, (inner or {}).get(dims, dims[-1]))
-            )
-            d += len(dims)
+        spaces = [self._new_space(node.name, out, (d,), (n,), d) for d, n in enumerate(shape)]
         self.layout[(node.name, out)] = spaces
         return spaces
 
@@ -102,28 +101,30 @@ class Coupling:
                 return s
         return None
 
-    @staticmethod
-    def _space_with_dims(spaces: list[Space], dims: tuple[int, ...]) -> Space | None:
-        for s in spaces:
-            if s.dims == dims:
-                return s
-        return None
-
     # -- primitive facts --------------------------------------------------------------------------
     def couple(self, a: np.ndarray, b: np.ndarray) -> None:
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
         if a.size:
             self._edges.append((a, b))
+            if self.bearing:
+                sa, sb = self._space_ids(a), self._space_ids(b)
+                if self.bearing.intersection(sa) or self.bearing.intersection(sb):
+                    self.bearing.update(sa)
+                    self.bearing.update(sb)
+
+    def _space_ids(self, elems: np.ndarray) -> list[int]:
+        """The spaces the given elements belong to."""
+        if len(self._base_arr) != len(self._bases):
+            self._base_arr = np.asarray(self._bases, dtype=np.int64)
+        idx = np.searchsorted(self._base_arr, elems, side="right") - 1
+        return np.unique(idx).tolist()
 
     def couple_spaces(self, a: Space, b: Space) -> bool:
-        """Identity coupling of two spaces with the same dims structure; False if impossible."""
+        """Identity coupling of two spaces of the same size; False if impossible."""
         if a.sizes != b.sizes:
             return False
         self.couple(a.elements(), b.elements())
         return True
-
-    def couple_spaces_flat(self, a: Space, b: Space) -> None:
-        self.couple(a.elements(), b.elements())
 
     def lock(self, space: Space | None, reason: str) -> None:
         if space is None:
@@ -145,6 +146,8 @@ class Coupling:
         self.members.append(
             Member(owner, param, dim, space.id, np.asarray(index_map, dtype=np.int64), kind)
         )
+        if kind == "out":
+            self.bearing.add(space.id)
 
     def _tensor_inputs(self, node: fx.Node) -> list[tuple[fx.Node, int]]:
         return [(a, i) for a in node.all_input_nodes for i in range(len(node_meta(a).outputs))]
@@ -154,6 +157,10 @@ class Coupling:
             self.lock_node(a, reason, o)
         self.lock_node(node, reason)
 
+    def _reaches_heads(self, node: fx.Node, dim: int) -> bool:
+        """Whether a dim becomes an attention head axis (the attention rules know)."""
+        return False
+
     # -- generic couplings -----------------------------------------------------------------------
     def elementwise(self, node: fx.Node, inputs: list[Any]) -> bool:
         """Right-aligned broadcasting: couple each non-broadcast input dim with the output dim."""
@@ -161,34 +168,19 @@ class Coupling:
         if out_shape is None:
             return False
         tensors = [a for a in inputs if isinstance(a, fx.Node) and self._shape(a) is not None]
-        # Layout of the output follows the first full-rank input (keeps joint spaces).
-        ref = next((a for a in tensors if self._shape(a) == out_shape), None)
-        if ref is not None and (node.name, 0) not in self.layout:
-            groups = [s.dims for s in self.spaces_of(ref)]
-            inner = {s.dims: s.inner for s in self.spaces_of(ref)}
-            self._make_layout(node, 0, groups, inner)
         out_spaces = self.spaces_of(node)
         coupled_out = set()
         for a in tensors:
-            shape = self._shape(a)
-            offset = len(out_shape) - len(shape)
+            offset = len(out_shape) - len(self._shape(a))
             for s in self.spaces_of(a):
-                sizes_out = tuple(out_shape[d + offset] for d in s.dims)
-                if all(x == 1 for x in s.sizes) and any(x != 1 for x in sizes_out):
+                t = self.space_at(node, s.dims[0] + offset)
+                if s.size == 1 and t is not None and t.size != 1:
                     continue  # broadcast: no coupling
-                target = self._space_with_dims(out_spaces, tuple(d + offset for d in s.dims))
-                if target is None or target.sizes != s.sizes:
-                    if s.sizes != sizes_out:
-                        # partial broadcast inside a joint space, or mismatched structure
-                        self.lock(s, f"{node.name}: broadcast over {s.dims}")
-                        continue
+                if t is None or not self.couple_spaces(s, t):
                     self.lock(s, f"{node.name}: layout mismatch")
-                    for t in out_spaces:
-                        if set(t.dims) & {d + offset for d in s.dims}:
-                            self.lock(t, f"{node.name}: layout mismatch")
+                    self.lock(t, f"{node.name}: layout mismatch")
                     continue
-                self.couple_spaces(s, target)
-                coupled_out.add(target.id)
+                coupled_out.add(t.id)
         for t in out_spaces:
             if t.id not in coupled_out:
                 self.lock(t, f"{node.name}: output dims {t.dims} not from an input")
@@ -206,41 +198,18 @@ class Coupling:
     ) -> None:
         """Couple ``src`` dim ``dim_map[o]`` with output dim ``o``; lock every other dim except
         the input dims a parameter ``consumed`` and the output dims a parameter ``produced``."""
-        in_spaces = self.spaces_of(src, src_out)
         inv = {v: k for k, v in dim_map.items()}
-        groups, inner = [], {}
-        for s in in_spaces:
-            if len(s.dims) > 1 and all(d in inv for d in s.dims):
-                od = tuple(sorted(inv[d] for d in s.dims))
-                if od == tuple(range(od[0], od[0] + len(od))):
-                    groups.append(od)
-                    inner[od] = inv[s.inner]
-        if (node.name, out) not in self.layout:
-            self._make_layout(node, out, groups, inner)
-        out_spaces = self.spaces_of(node, out)
         coupled_out = set()
-        for s in in_spaces:
-            if s.dims in [(d,) for d in consumed]:
+        for s in self.spaces_of(src, src_out):
+            d = s.dims[0]
+            if d in consumed:
                 continue
-            if not all(d in inv for d in s.dims):
-                self.lock(s, f"{node.name}: consumes dims {s.dims}")
+            t = self.space_at(node, inv[d], out) if d in inv else None
+            if t is None or not self.couple_spaces(s, t):
+                why = "consumes" if t is None else "does not preserve"
+                self.lock(s, f"{node.name}: {why} dim {d}")
                 continue
-            od = tuple(inv[d] for d in s.dims)
-            t = self._space_with_dims(out_spaces, od)
-            if t is None and len(od) > 1:
-                # joint space whose dims were permuted but stay adjacent in a new order
-                t = self._space_with_dims(out_spaces, tuple(sorted(od)))
-                if t is not None and t.size == s.size:
-                    perm = [sorted(od).index(x) for x in od]
-                    idx = np.arange(s.size).reshape(s.sizes).transpose(np.argsort(perm))
-                    self.couple(s.base + idx.reshape(-1), t.elements())
-                    coupled_out.add(t.id)
-                    continue
-            if t is None or t.size != s.size:
-                self.lock(s, f"{node.name}: dims {s.dims} not preserved")
-                continue
-            self.couple_spaces(s, t)
             coupled_out.add(t.id)
-        for t in out_spaces:
-            if t.id not in coupled_out and t.dims not in [(d,) for d in produced]:
+        for t in self.spaces_of(node, out):
+            if t.id not in coupled_out and t.dims[0] not in produced:
                 self.lock(t, f"{node.name}: fixed-size output dims {t.dims}")

@@ -10,7 +10,8 @@ import numpy as np
 
 @dataclass
 class Space:
-    """A group of consecutive dims of one node output, with flat row-major indexing."""
+    """One dim of one node output (``dims == (d,)``; an element per index), or a virtual
+    space a rule creates (the heads of an ``nn.MultiheadAttention``)."""
 
     id: int
     node: str
@@ -63,6 +64,7 @@ class Group:
     members: list[int]  # indices into ChannelAnalysis.members
     producers: list[str]
     stats_coupled: bool = False  # channels feed a LayerNorm/GroupNorm's statistics
+    heads: bool = False  # units are attention heads (they reach the head axis of attention)
 
     @property
     def size(self) -> int:

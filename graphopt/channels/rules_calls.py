@@ -1,13 +1,15 @@
 """Channel rules for ``call_function`` and ``call_method`` nodes: elementwise unary and binary
-ops (broadcasting), pools, softmax, functional layer norm, and the dispatch of the shape ops
-(flatten, reshape/view, transpose/permute, cat, split/chunk, getitem, reductions, unsqueeze,
-expand) to the shape rules."""
+ops (broadcasting), pools, softmax, functional layer norm and linear, and the dispatch of the
+shape ops (flatten, reshape/view/unflatten, transpose/permute, cat, split/chunk, getitem,
+select, reductions, squeeze/unsqueeze, expand) and the attention ops (scaled dot-product
+attention, matmul, repeat_interleave) to the shape and attention rules."""
 
 from __future__ import annotations
 
 import operator
 import sys
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from graphopt.optypes import POOL_FUNCS
 
 from .coupling import Coupling
 from .records import Rewrite
+from .rules_attention import MATMUL, REPEAT_INTERLEAVE, SDPA
+
+aten = torch.ops.aten
 
 _UNARY_FUNCS = {
     F.relu,
@@ -51,6 +56,19 @@ _UNARY_FUNCS = {
     torch.dropout,
     operator.neg,
     torch.nn.functional.celu,
+    torch.cos,
+    torch.sin,
+    torch.rsqrt,
+}
+_ATEN_UNARY = {  # elementwise ATen ops the export front end leaves as they are
+    "to.dtype",
+    "to.dtype_layout",
+    "to.device",
+    "neg.default",
+    "cos.default",
+    "sin.default",
+    "rsqrt.default",
+    "pow.Tensor_Scalar",
 }
 _UNARY_METHODS = {
     "relu",
@@ -117,7 +135,8 @@ class CallRules(Coupling):
 
     def __init__(self, graph: Graph):
         super().__init__(graph)
-        self._unary_funcs = _UNARY_FUNCS | _stochastic_depth_funcs()
+        aten_unary = {getattr(getattr(aten, n.split(".")[0]), n.split(".")[1]) for n in _ATEN_UNARY}
+        self._unary_funcs = _UNARY_FUNCS | aten_unary | _stochastic_depth_funcs()
 
     def _visit_function(self, node: fx.Node) -> bool:
         t = node.target
@@ -131,6 +150,24 @@ class CallRules(Coupling):
             return True
         if t is torch.flatten:
             return self._flatten(node, args[0], *_start_end(node))
+        if t in SDPA:
+            return self._sdpa(node)
+        if t in MATMUL:
+            return self._matmul(node, args[0], args[1])
+        if t in REPEAT_INTERLEAVE:
+            return self._repeat_interleave(node)
+        if t in (F.linear, aten.linear.default):
+            return self._functional_linear(node)
+        if t in (torch.unsqueeze, aten.unsqueeze.default):
+            return self._unsqueeze(node, args[0], args[1])
+        if t in (torch.squeeze, aten.squeeze.dim, aten.squeeze.dims):
+            return self._squeeze(node, args[0], args[1] if len(args) > 1 else None)
+        if t in (torch.select, aten.select.int):
+            return self._select(node, args[0], args[1])
+        if t is aten.slice.Tensor:
+            return self._aten_slice(node)
+        if t is aten.unflatten.int:
+            return self._reshape(node, args[0], args[2], kind="unflatten")
         if t is torch.cat or t is torch.concat:
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
             return self._cat(node, list(args[0]), dim)
@@ -173,6 +210,14 @@ class CallRules(Coupling):
             return self._flatten(node, args[0], *_start_end(node))
         if name in ("view", "reshape"):
             return self._reshape(node, args[0], _dims_arg(args))
+        if name in ("matmul", "bmm", "__matmul__"):
+            return self._matmul(node, args[0], args[1])
+        if name == "repeat_interleave":
+            return self._repeat_interleave(node)
+        if name == "squeeze":
+            return self._squeeze(node, args[0], args[1] if len(args) > 1 else None)
+        if name == "select":
+            return self._select(node, args[0], args[1])
         if name in ("transpose", "swapaxes"):
             return self._transpose(node, args[0], args[1], args[2])
         if name == "permute":
@@ -188,15 +233,69 @@ class CallRules(Coupling):
             out = self._shape(node)
             if shape is None or len(shape) != len(out):
                 return False
-            return self.elementwise(node, [args[0]])
-        if name == "unsqueeze":
-            d = args[1] % (len(self._shape(args[0])) + 1)
-            nd = len(self._shape(args[0]))
-            self.passthrough_dims(
-                node, args[0], {o: (o if o < d else o - 1) for o in range(nd + 1) if o != d}
-            )
+            self.elementwise(node, [args[0]])
+            self._size_constraints(node, _dims_arg(args))
+            self.rewrites.append(Rewrite(node.name, "reshape", {}))  # its constant sizes
             return True
-        return False  # squeeze and everything else: not understood
+        if name == "unsqueeze":
+            return self._unsqueeze(node, args[0], args[1])
+        return False  # everything else: not understood
+
+    def _unsqueeze(self, node: fx.Node, x: fx.Node, d: int) -> bool:
+        nd = len(self._shape(x))
+        d = d % (nd + 1)
+        self.passthrough_dims(
+            node, x, {o: (o if o < d else o - 1) for o in range(nd + 1) if o != d}
+        )
+        return True
+
+    def _aten_slice(self, node: fx.Node) -> bool:
+        """``aten.slice(x, dim, start, end, step)``: a channel slice, like ``x[..., a:b]``."""
+        x, dim, start, end, step = (*node.args, 0, None, None, 1)[:5]
+        if any(isinstance(v, fx.Node) for v in (start, end, step)):
+            return False
+        shape = self._shape(x)
+        nd = len(shape)
+        dim = dim % nd
+        self.passthrough_dims(
+            node, x, {d: d for d in range(nd) if d != dim}, consumed=(dim,), produced=(dim,)
+        )
+        s_in, s_out = self.space_at(x, dim), self.space_at(node, dim)
+        if step != 1:  # removing any channel would shift which ones a strided slice reads
+            self.lock(s_in, f"{node.name}: strided slice of dim {dim}")
+            self.lock(s_out, f"{node.name}: strided slice of dim {dim}")
+            return True
+        rng = range(shape[dim])[slice(start, end)]
+        self.couple(s_in.base + rng.start + np.arange(len(rng)), s_out.elements())
+        info = {"space": s_in.id, "start": rng.start, "n": len(rng)}
+        self.rewrites.append(Rewrite(node.name, "aten_slice", info))
+        return True
+
+    def _functional_linear(self, node: fx.Node) -> bool:
+        """``F.linear(x, W, b)`` with ``W`` and ``b`` read by ``get_attr`` (an exported
+        ``nn.MultiheadAttention``'s ``in_proj_weight``): like ``nn.Linear``, with the rows and
+        columns of ``W`` as members of the module that owns it."""
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        params = [p for p in (w, b) if p is not None]
+        if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
+            return False
+        nd = len(self._shape(x))
+        in_s, out_s = self.space_at(x, nd - 1), self.spaces_of(node)[-1]
+        self.passthrough_dims(
+            node, x, {d: d for d in range(nd - 1)}, consumed=(nd - 1,), produced=(nd - 1,)
+        )
+        w_out, w_in = self.spaces_of(w)
+        if not (self.couple_spaces(w_out, out_s) and self.couple_spaces(w_in, in_s)):
+            return False
+        owner, _, param = str(w.target).rpartition(".")
+        self.member(owner, param, 1, in_s, np.arange(in_s.size), "in")
+        self.member(owner, param, 0, out_s, np.arange(out_s.size), "out")
+        if b is not None:
+            self.couple_spaces(self.spaces_of(b)[0], out_s)
+            owner, _, param = str(b.target).rpartition(".")
+            self.member(owner, param, 0, out_s, np.arange(out_s.size), "out")
+        return True
 
     def _functional_layer_norm(self, node: fx.Node) -> bool:
         x = node.args[0]

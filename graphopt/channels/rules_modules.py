@@ -162,7 +162,14 @@ class ModuleRules(Coupling):
         """Self-attention (``nn.MultiheadAttention`` or :class:`SelfAttention`): the input width
         is consumed by ``in_proj_weight``'s columns, the output width produced by
         ``out_proj``'s rows, and a virtual per-head space (rows of q, k and v, columns of
-        ``out_proj``) is coupled head-wise, so whole heads are removed."""
+        ``out_proj``) is coupled head-wise, so whole heads are removed.
+
+        ``nn.MultiheadAttention`` ties ``head_dim = embed_dim / num_heads`` to the residual
+        width, so it cannot hold fewer heads of the same width: the surgery replaces a pruned
+        one by :class:`~graphopt.modules.SelfAttention` (same maths and parameter names, free
+        widths). Traced by ``torch.export`` it arrives already as graph-level ops
+        (``aten.linear`` on ``in_proj_weight``, views to ``[T, B·H, D]``, SDPA), which the
+        attention rules (:mod:`.rules_attention`) prune in place."""
         args = list(node.args)
         kw = dict(node.kwargs)
         x = args[0] if args else kw.get("query")
@@ -199,6 +206,7 @@ class ModuleRules(Coupling):
             return True
         inner = mod.in_proj_weight.shape[0] // 3
         heads = self._new_space(f"{node.name}#heads", 0, (0,), (inner,), 0)
+        self.head_spaces.add(heads.id)
         j = np.arange(inner)
         self.couple(heads.base + j, heads.base + (j // head_dim) * head_dim)
         self.member(path, "in_proj_weight", 1, in_s, np.arange(in_s.size), "in")

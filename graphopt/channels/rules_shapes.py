@@ -1,6 +1,6 @@
-"""Channel rules for the shape ops: flatten and row-major merges, reshape/view (splits into a
-joint space, merges, size arguments read from other tensors), transpose/permute, concat
-(offsets), split/chunk, getitem (tuple elements, channel slices) and reductions."""
+"""Channel rules for the shape ops: flatten, reshape/view/unflatten (re-splits of dims along a
+carrier factor, size arguments read from other tensors), transpose/permute, squeeze, select,
+concat (offsets), split/chunk, getitem (tuple elements, channel slices) and reductions."""
 
 from __future__ import annotations
 
@@ -8,65 +8,109 @@ import operator
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from graphopt.graph import node_meta
 
 from .coupling import Coupling, fn_name
-from .records import Rewrite, Space
+from .records import Rewrite
 
 
 class ShapeRules(Coupling):
     """The shape-op rules (a mixin of :class:`~.analysis.ChannelAnalysis`)."""
 
     def _flatten(self, node, x, start, end) -> bool:
-        shape = self._shape(x)
-        nd = len(shape)
+        nd = len(self._shape(x))
         start, end = start % nd, end % nd
         if start == end:
             return self.elementwise(node, [x])
+        self._make_layout(node, 0)
         dim_map = {d: d for d in range(start)}
         dim_map.update({d - (end - start): d for d in range(end + 1, nd)})
-        out = self._make_layout(node, 0)
-        merged = self.space_at(node, start)
-        # couple the untouched dims
         for o, i in dim_map.items():
             s, t = self.space_at(x, i), self.space_at(node, o)
-            if s is None or t is None or len(s.dims) != 1 or not self.couple_spaces(s, t):
+            if s is None or t is None or not self.couple_spaces(s, t):
                 self.lock(s, f"{node.name}: flatten layout")
                 self.lock(t, f"{node.name}: flatten layout")
-        return self._merge(node, x, list(range(start, end + 1)), merged, out)
-
-    def _merge(self, node, x, in_dims: list[int], merged: Space, out: list[Space]) -> bool:
-        """Output dim ``merged`` is the row-major merge of ``in_dims`` of ``x``: couple it with
-        the outermost non-singleton input dim and lock the inner ones."""
-        shape = self._shape(x)
-        sizes = [shape[d] for d in in_dims]
-        spaces = [self.space_at(x, d) for d in in_dims]
-        outer_i = next((i for i, s in enumerate(sizes) if s != 1), 0)
-        outer = spaces[outer_i]
-        if outer is None or any(len(s.dims) != 1 for s in spaces if s is not None and s.size > 1):
-            # joint input spaces exactly covering the merge: flat identity
-            uniq = []
-            for s in spaces:
-                if s is not None and s not in uniq:
-                    uniq.append(s)
-            if len(uniq) == 1 and uniq[0].dims == tuple(in_dims) and uniq[0].size == merged.size:
-                self.couple_spaces_flat(uniq[0], merged)
-                return True
-            for s in uniq:
-                self.lock(s, f"{node.name}: merge of joint dims")
-            self.lock(merged, f"{node.name}: merge of joint dims")
-            return True
-        inner = int(np.prod(sizes[outer_i + 1 :])) if outer_i + 1 < len(sizes) else 1
-        e = np.arange(merged.size)
-        self.couple(outer.base + e // inner, merged.base + e)
-        for s in spaces[outer_i + 1 :]:
-            self.lock(s, f"{node.name}: inner dim of a merge")
-        self.rewrites.append(Rewrite(node.name, "merge", {}))
+        self._regroup(node, x, list(range(start, end + 1)), [start])
         return True
 
-    def _reshape(self, node, x, target) -> bool:
+    def _regroup(self, node: fx.Node, x: fx.Node, gi: list[int], go: list[int]) -> None:
+        """Output dims ``go`` of ``node`` are a row-major re-split of input dims ``gi`` of ``x``.
+
+        Both sides factor into the common refinement ``r_1 ... r_m`` (sizes whose running
+        products hit every input and every output boundary: ``[B, H·D] -> [B·H, D]`` refines to
+        ``[B, H, D]``). Removal must stay a rectangle so every later reshape stays valid, so one
+        refined factor ``r*``, the *carrier*, is pruned: input element ``i`` and output element
+        ``o`` are coupled when their ``r*`` indices agree, and every dim not containing ``r*``
+        is locked (kept whole). Any carrier is sound; the useful one is picked:
+
+        - a split (one input dim): the output dim that reaches the head axis of an attention
+          product (``[B, T, H·D] -> [B, T, H, D]`` prunes whole heads), else the innermost
+          (``[N, C] -> [N, g, C/g]`` removes the same position from every group);
+        - a merge (one output dim): the input dim bearing producer channels (``[B, H, T, D]``
+          transposed and merged back prunes heads; ``flatten`` of ``[C, H, W]`` prunes ``C``),
+          else the outermost;
+        - both: a factor of a channel-bearing input dim, preferring one inside an output dim
+          that reaches an attention head axis (``[T, B, H·D] -> [T, B·H, D]`` in
+          ``nn.MultiheadAttention``'s exported form prunes ``H``).
+        """
+        si = [self._shape(x)[d] for d in gi]
+        so = [self._shape(node)[d] for d in go]
+        ins = [self.space_at(x, d) for d in gi]
+        outs = [self.space_at(node, d) for d in go]
+        ref = _refine(si, so)
+        if ref is None or any(s is None for s in ins + outs):
+            for s in ins + outs:
+                self.lock(s, f"{node.name}: many-to-many reshape {si} -> {so}")
+            return
+        sizes, in_span, out_span = ref
+        r = self._carrier(node, x, gi, go, sizes, in_span, out_span)
+        if r is None:
+            for s in ins + outs:
+                self.lock(s, f"{node.name}: reshape {si} -> {so} of size-1 dims")
+            return
+        first = None
+        for spaces, spans in ((outs, out_span), (ins, in_span)):
+            for s, (a, b) in zip(spaces, spans):
+                if not a <= r < b:
+                    self.lock(
+                        s,
+                        f"{node.name}: dim {s.dims[0]} ({s.size}) of a reshape {si} -> {so} is "
+                        f"kept whole; it prunes along a factor of size {sizes[r]}",
+                    )
+                    continue
+                e = np.arange(s.size)
+                idx = (e // int(np.prod(sizes[r + 1 : b]))) % sizes[r]
+                if first is None:  # the first element of each carrier index, in the output
+                    first = s.base + np.unique(idx, return_index=True)[1]
+                self.couple(s.base + e, first[idx])
+        if len(go) == 1:
+            self.rewrites.append(Rewrite(node.name, "merge", {}))
+
+    def _carrier(self, node, x, gi, go, sizes, in_span, out_span) -> int | None:
+        """The refined factor a re-split prunes along (see :meth:`_regroup`)."""
+        big = [i for i, n in enumerate(sizes) if n > 1]
+        if not big:
+            return None
+
+        def factors(spans, dims_ok):
+            return [i for (a, b), ok in zip(spans, dims_ok) if ok for i in range(a, b) if i in big]
+
+        bearing = factors(in_span, [self.space_at(x, d).id in self.bearing for d in gi])
+        if len(go) == 1:
+            return bearing[0] if bearing else big[0]
+        heads = factors(out_span, [self._reaches_heads(node, d) for d in go])
+        if len(gi) == 1:
+            return heads[0] if heads else big[-1]
+        both = [i for i in bearing if i in heads]
+        return both[0] if both else (bearing[0] if bearing else big[0])
+
+    def _reshape(self, node, x, target, kind: str = "reshape") -> bool:
+        """``view`` / ``reshape`` (and ``unflatten``: ``kind``): dims whose sizes pair up are
+        coupled one to one, the others re-split (:meth:`_regroup`); the surgery rewrites the
+        constant sizes."""
         shape_in = self._shape(x)
         shape_out = self._shape(node)
         if shape_in is None or shape_out is None:
@@ -75,52 +119,35 @@ class ShapeRules(Coupling):
         if groups is None:
             self._lock_all(node, f"{node.name}: reshape {shape_in} -> {shape_out} not understood")
             return True
-        joint, inner = [], {}
+        self._make_layout(node, 0)
         for gi, go in groups:
-            if len(gi) == 1 and len(go) > 1:
-                joint.append(tuple(go))
-                inner[tuple(go)] = go[-1]
-        self._make_layout(node, 0, joint, inner)
-        for gi, go in groups:
-            in_spaces = [self.space_at(x, d) for d in gi]
-            out_spaces = [self.space_at(node, d) for d in go]
             if len(gi) == 1 and len(go) == 1:
-                s, t = in_spaces[0], out_spaces[0]
+                s, t = self.space_at(x, gi[0]), self.space_at(node, go[0])
                 if s is None or t is None or not self.couple_spaces(s, t):
                     self.lock(s, f"{node.name}: reshape")
                     self.lock(t, f"{node.name}: reshape")
-            elif len(gi) == 1:
-                s, t = in_spaces[0], out_spaces[0]
-                if s is None or len(s.dims) != 1 or t.size != s.size:
-                    self.lock(s, f"{node.name}: reshape split")
-                    self.lock(t, f"{node.name}: reshape split")
-                    continue
-                # split: flat identity, plus rectangular removal (couple across outer dims)
-                self.couple(s.elements(), t.elements())
-                inner_size = t.sizes[-1]
-                e = np.arange(t.size)
-                self.couple(t.base + e, t.base + e % inner_size)
-            elif len(go) == 1:
-                self._merge(node, x, list(gi), out_spaces[0], [])
             else:
-                for s in in_spaces + out_spaces:
-                    self.lock(s, f"{node.name}: many-to-many reshape")
-        self._size_constraints(node, target)
-        self.rewrites.append(Rewrite(node.name, "reshape", {}))
+                self._regroup(node, x, gi, go)
+        if target is not None:
+            self._size_constraints(node, target)
+        self.rewrites.append(Rewrite(node.name, kind, {}))
         return True
 
     def _size_constraints(self, node: fx.Node, target: Any) -> None:
-        """A reshape whose size arguments are read from some tensor's shape requires that dim
-        to keep the same size as the output dim it defines: record the pair of spaces."""
+        """A size argument computed from some tensor's shape: record (target space, source
+        space) pairs; the solver keeps them consistent (same units), or lets the surgery
+        rescale an integer factor of a product (``B * 4`` heads) with the source kept fixed,
+        or write the new size as a constant when the source is locked anyway, or locks both."""
         vals = list(target) if isinstance(target, (list, tuple)) else [target]
         for d, v in enumerate(vals):
             if not isinstance(v, fx.Node):
                 continue
             out = self.space_at(node, d)
+            scalable = bool(int_factors(v))
             for src, k in _size_sources(v):
                 sp = self.space_at(src, k % max(1, len(self._shape(src) or (1,))))
                 if out is not None and sp is not None:
-                    self.size_pairs.append((out.id, sp.id, node.name))
+                    self.size_pairs.append((out.id, sp.id, node.name, d, scalable))
 
     def _transpose(self, node, x, d0, d1) -> bool:
         nd = len(self._shape(x))
@@ -147,16 +174,12 @@ class ShapeRules(Coupling):
             if shape is None:
                 return False
             s = self.space_at(a, dim)
-            if s is None or len(s.dims) != 1 or t is None:
-                self.lock(s, f"{node.name}: concat of a joint layout")
-                self.lock(t, f"{node.name}: concat of a joint layout")
-            else:
-                self.couple(s.elements(), t.base + offset + np.arange(s.size))
+            self.couple(s.elements(), t.base + offset + np.arange(s.size))
             for d in range(nd):
                 if d == dim:
                     continue
                 si, so = self.space_at(a, d), self.space_at(node, d)
-                if si is None or len(si.dims) != 1 or not self.couple_spaces(si, so):
+                if not self.couple_spaces(si, so):
                     self.lock(si, f"{node.name}: concat layout")
                     self.lock(so, f"{node.name}: concat layout")
             offset += shape[dim]
@@ -179,9 +202,6 @@ class ShapeRules(Coupling):
         dim = dim % nd
         outs = node_meta(node).outputs
         s = self.space_at(x, dim)
-        if s is None or len(s.dims) != 1:
-            self._lock_all(node, f"{node.name}: split of a joint layout")
-            return True
         offset = 0
         for k, info in enumerate(outs):
             spaces = self._make_layout(node, k)
@@ -192,7 +212,7 @@ class ShapeRules(Coupling):
                 if d == dim:
                     continue
                 si, so = self.space_at(x, d), self.space_at(node, d, k)
-                if si is None or len(si.dims) != 1 or not self.couple_spaces(si, so):
+                if not self.couple_spaces(si, so):
                     self.lock(si, f"{node.name}: split layout")
                     self.lock(so, f"{node.name}: split layout")
             offset += n
@@ -206,9 +226,6 @@ class ShapeRules(Coupling):
                 return False
             # element of a tuple-returning op (split/chunk): same spaces
             src_spaces = self.spaces_of(src, idx)
-            self._make_layout(
-                node, 0, [s.dims for s in src_spaces], {s.dims: s.inner for s in src_spaces}
-            )
             for a, b in zip(src_spaces, self.spaces_of(node)):
                 self.couple_spaces(a, b)
             return True
@@ -266,15 +283,29 @@ class ShapeRules(Coupling):
         )
         for pos, di, do, start, n in sliced:
             s_in, s_out = self.space_at(src, di), self.space_at(node, do)
-            if s_in is None or s_out is None or len(s_in.dims) != 1 or len(s_out.dims) != 1:
-                self.lock(s_in, f"{node.name}: slice of a joint layout")
-                self.lock(s_out, f"{node.name}: slice of a joint layout")
-                continue
             # channel slicing: output k is input start + k; the bounds move when channels go
             self.couple(s_in.base + start + np.arange(n), s_out.elements())
             self.rewrites.append(
                 Rewrite(node.name, "slice", {"pos": pos, "space": s_in.id, "start": start, "n": n})
             )
+        return True
+
+    def _squeeze(self, node, x, dim) -> bool:
+        """Drop size-1 dims (``dim``: an int, a list, or None for all of them)."""
+        shape = self._shape(x)
+        nd = len(shape)
+        dims = range(nd) if dim is None else dim if isinstance(dim, (list, tuple)) else [dim]
+        gone = {d % nd for d in dims if shape[d % nd] == 1}
+        kept = [d for d in range(nd) if d not in gone]
+        self.passthrough_dims(node, x, dict(enumerate(kept)))
+        return True
+
+    def _select(self, node, x, dim) -> bool:
+        """``x.select(dim, i)``: one index of ``dim`` (locked: its size is read), others pass."""
+        nd = len(self._shape(x))
+        dim = dim % nd
+        self.lock(self.space_at(x, dim), f"{node.name}: indexes dim {dim}")
+        self.passthrough_dims(node, x, dict(enumerate(d for d in range(nd) if d != dim)))
         return True
 
     def _reduce(self, node, x, dim, keepdim) -> bool:
@@ -310,6 +341,8 @@ def _size_sources(v: Any, depth: int = 0) -> list[tuple[fx.Node, int]]:
     """``(tensor node, dim)`` pairs whose size an FX value was computed from."""
     if not isinstance(v, fx.Node) or depth > 8:
         return []
+    if v.op == "call_function" and v.target is torch.ops.aten.sym_size.int:
+        return [(v.args[0], v.args[1])]
     if (
         v.op == "call_method"
         and v.target == "size"
@@ -327,6 +360,33 @@ def _size_sources(v: Any, depth: int = 0) -> list[tuple[fx.Node, int]]:
     if v.op == "call_function" and v.target in _ARITH:
         return [p for a in v.args for p in _size_sources(a, depth + 1)]
     return []
+
+
+def int_factors(v: Any) -> list[tuple[fx.Node, int]]:
+    """``(mul node, arg position)`` of the integer constants of a product of sizes (``B * 4``,
+    ``4 * (E // 4)``), outermost first; empty when ``v`` is not such a product."""
+    if not (isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.mul):
+        return []
+    found = [(v, i) for i, a in enumerate(v.args) if type(a) is int]
+    for a in v.args:
+        found += int_factors(a)
+    return found
+
+
+def _refine(a: list[int], b: list[int]) -> tuple[list[int], list, list] | None:
+    """The common row-major refinement of two factorisations of one size: the refined sizes
+    and the ``[start, end)`` range of refined factors each dim of ``a`` and ``b`` spans."""
+    cum_a = np.cumprod([1, *a]).tolist()
+    cum_b = np.cumprod([1, *b]).tolist()
+    bounds = sorted(set(cum_a) | set(cum_b))
+    if cum_a[-1] != cum_b[-1] or any(y % x for x, y in zip(bounds, bounds[1:])):
+        return None
+    sizes = [y // x for x, y in zip(bounds, bounds[1:])]
+
+    def spans(cum):
+        return [(bounds.index(x), bounds.index(y)) for x, y in zip(cum, cum[1:])]
+
+    return sizes, spans(cum_a), spans(cum_b)
 
 
 def _reshape_groups(

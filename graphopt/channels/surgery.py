@@ -3,8 +3,10 @@
 :func:`remove_units` slices every member parameter / buffer along its dim, makes the touched
 modules' size attributes agree (``out_channels``, ``groups`` of a depthwise conv, ``num_features``
 ...), swaps a sliced ``nn.MultiheadAttention`` for :class:`~graphopt.modules.SelfAttention` and
-rewrites the graph's shape constants (reshape sizes, layer-norm shapes, channel-slice bounds,
-split sizes). It returns the *plan entries*: per member, the indices removed along its dim.
+rewrites the graph's shape constants (reshape / view / expand / unflatten sizes, including the
+integer factors of size products such as ``B * num_heads``, layer-norm shapes, channel-slice
+bounds, split sizes). It refuses a removal that would leave a layer with no head or channel.
+It returns the *plan entries*: per member, the indices removed along its dim.
 
 A pruning plan (:func:`plan_document`: one list of entries per round) replays on a fresh instance
 of the same architecture with :func:`apply_plan`, so a pruned checkpoint loads with
@@ -14,6 +16,8 @@ of the same architecture with :func:`apply_plan`, so a pruned checkpoint loads w
 from __future__ import annotations
 
 import json
+import operator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from graphopt.optypes import CONV, CONV_T
 
 from .analysis import ChannelAnalysis
 from .records import Member, Rewrite
+from .rules_shapes import int_factors
 
 __all__ = [
     "PLAN_FORMAT",
@@ -55,6 +60,7 @@ def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[d
     bad = units[~ca.unit_prunable[units]] if len(units) else units
     if len(bad):
         raise GraphoptError(f"prune: units {bad[:5].tolist()} are locked or produce nothing")
+    _refuse_emptying(ca, units)
     removed = np.isin(ca.labels, units)
     members = _plan_members(ca, removed)
     apply_members(graph.module, members)
@@ -63,6 +69,18 @@ def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[d
     graph.invalidate()
     graph.propagate_shapes()
     return members
+
+
+def _refuse_emptying(ca: ChannelAnalysis, units: np.ndarray) -> None:
+    """Refuse a removal that leaves some group with no unit: an attention layer with no head,
+    a layer with no output channel."""
+    for g in ca.groups:
+        if len(g.units) and np.isin(g.units, units).all():
+            what = "attention heads" if g.heads else "channels"
+            raise GraphoptError(
+                f"prune: removing all {g.size} {what} of {', '.join(g.producers)} would leave "
+                f"the layer{'s' if len(g.producers) > 1 else ''} empty; keep at least one"
+            )
 
 
 def plan_document(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -215,27 +233,28 @@ def _space_new_sizes(ca: ChannelAnalysis, removed: np.ndarray) -> dict[int, int]
 def _new_shape(
     ca: ChannelAnalysis, node_name: str, new_sizes: dict[int, int], out: int = 0
 ) -> list[int]:
-    shape = []
-    for s in ca.layout.get((node_name, out), []):
-        if len(s.dims) == 1:
-            shape.append(new_sizes[s.id])
-        else:
-            outer = [sz for d, sz in zip(s.dims, s.sizes) if d != s.inner]
-            inner_new = new_sizes[s.id] // max(1, int(np.prod(outer)))
-            shape.extend(inner_new if d == s.inner else sz for d, sz in zip(s.dims, s.sizes))
-    return shape
+    return [new_sizes[s.id] for s in ca.layout.get((node_name, out), [])]
 
 
 def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray) -> None:
-    """Recompute constant shape arguments of reshape / layer_norm / slice / split nodes."""
+    """Recompute the shape arguments of reshape / expand / unflatten / layer_norm / slice /
+    split nodes."""
     new_sizes = _space_new_sizes(ca, removed)
     nodes = {n.name: n for n in gm.graph.nodes}
+    scaled: dict[tuple[fx.Node, Fraction], fx.Node] = {}
     for rw in ca.rewrites:
         node = nodes.get(rw.node)
         if node is None:
             continue
         if rw.kind == "reshape":
-            _rewrite_reshape(node, _new_shape(ca, node.name, new_sizes), ca.layout_shape(node.name))
+            new, old = _new_shape(ca, node.name, new_sizes), ca.layout_shape(node.name)
+            _rewrite_reshape(gm.graph, node, new, old, ca.size_modes, scaled)
+        elif rw.kind == "unflatten":
+            new = _new_shape(ca, node.name, new_sizes)
+            x, dim, sizes = node.args[:3]
+            dim = dim % (len(new) - len(sizes) + 1)  # of the input
+            fixed = [new[dim + i] if v != -1 else v for i, v in enumerate(sizes)]
+            node.args = (x, dim, fixed, *node.args[3:])
         elif rw.kind == "layer_norm":
             shape = _new_shape(ca, node.name, new_sizes)
             args = list(node.args)
@@ -246,6 +265,9 @@ def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray)
                 node.kwargs = {**node.kwargs, "normalized_shape": (shape[-1],)}
         elif rw.kind == "slice":
             _rewrite_slice(node, rw, removed[ca.spaces[rw.info["space"]].elements()])
+        elif rw.kind == "aten_slice":
+            start, kept = _slice_bounds(rw, removed[ca.spaces[rw.info["space"]].elements()])
+            node.args = (*node.args[:2], start, start + kept, *node.args[4:])
         elif rw.kind == "attention":
             _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
         elif rw.kind == "split":
@@ -261,18 +283,39 @@ def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray)
             gm.graph.erase_node(node)
 
 
-def _rewrite_reshape(node: fx.Node, shape: list[int], old: tuple[int, ...]) -> None:
-    """Put the pruned sizes into a reshape / view's constant size arguments (keeps -1 and
-    sizes computed in the graph)."""
+def _rewrite_reshape(
+    graph: fx.Graph,
+    node: fx.Node,
+    shape: list[int],
+    old: tuple[int, ...],
+    modes: dict[tuple[str, int], str],
+    cache: dict[tuple[fx.Node, Fraction], fx.Node],
+) -> None:
+    """Put the pruned sizes into a reshape / view / expand's size arguments: constants are
+    replaced (``-1`` kept); a size computed in the graph is left to follow the pruning at run
+    time, or has its integer factor rescaled (``B * 4`` -> ``B * 2``) or is replaced by the new
+    constant, as the analysis decided (:meth:`~.analysis.ChannelAnalysis._size_pairs`)."""
     if shape == list(old):
         return
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))  # x.view((a, b)) form
     vals = list(args[1]) if packed else args[1:]
-    fixed = [
-        (shape[i] if isinstance(v, int) and v != -1 and i < len(shape) else v)
-        for i, v in enumerate(vals)
-    ]
+    fixed = []
+    for i, v in enumerate(vals):
+        if i >= len(shape) or shape[i] == old[i] or (isinstance(v, int) and v == -1):
+            fixed.append(v)
+        elif isinstance(v, int):
+            fixed.append(shape[i])
+        elif modes.get((node.name, i)) == "rescale":
+            key = (v, Fraction(shape[i], old[i]))
+            if key not in cache:  # q, k and v views share one size product
+                with graph.inserting_before(node):
+                    cache[key] = _rescaled(graph, v, key[1], node.name)
+            fixed.append(cache[key])
+        elif modes.get((node.name, i)) == "constant":
+            fixed.append(shape[i])
+        else:
+            fixed.append(v)
     if node.op == "call_method" and not packed:
         node.args = (args[0], *fixed)
     else:
@@ -280,12 +323,59 @@ def _rewrite_reshape(node: fx.Node, shape: list[int], old: tuple[int, ...]) -> N
             args[0],
             type(args[1])(fixed) if isinstance(args[1], (list, tuple)) else fixed,
         )
+    for v in vals:
+        _erase_unused_muls(graph, v)
+
+
+def _erase_unused_muls(graph: fx.Graph, v: Any) -> None:
+    if isinstance(v, fx.Node) and v.target is operator.mul and not v.users:
+        graph.erase_node(v)
+        for a in v.args:
+            _erase_unused_muls(graph, a)
+
+
+def _rescaled(graph: fx.Graph, v: fx.Node, factor: Fraction, where: str) -> fx.Node:
+    """A copy of the size product ``v`` with one integer factor ``c`` replaced by
+    ``c · factor`` (the first for which that is an integer); the nodes it shares stay."""
+    for mul, pos in int_factors(v):
+        scaled = Fraction(mul.args[pos]) * factor
+        if scaled.denominator != 1:
+            continue
+        path = [mul]  # from the factor's mul node up to v
+        while path[-1] is not v:
+            path.append(next(u for u in path[-1].users if u in _mul_nodes(v)))
+        new: Any = int(scaled)
+        old: Any = None
+        for k, n in enumerate(path):
+            args = list(n.args)
+            if k == 0:
+                args[pos] = new
+            else:
+                args[args.index(old)] = new
+            old = n
+            new = graph.call_function(n.target, tuple(args), dict(n.kwargs))
+        return new
+    raise GraphoptError(f"prune: cannot rescale the size argument {v.name} of {where} by {factor}")
+
+
+def _mul_nodes(v: fx.Node) -> set[fx.Node]:
+    found = {v}
+    for a in v.args:
+        if isinstance(a, fx.Node) and a.op == "call_function" and a.target is operator.mul:
+            found |= _mul_nodes(a)
+    return found
+
+
+def _slice_bounds(rw: Rewrite, gone: np.ndarray) -> tuple[int, int]:
+    """The start and length of a channel slice once ``gone`` (bool per channel) are removed."""
+    start = rw.info["start"] - int(gone[: rw.info["start"]].sum())
+    kept = rw.info["n"] - int(gone[rw.info["start"] : rw.info["start"] + rw.info["n"]].sum())
+    return start, kept
 
 
 def _rewrite_slice(node: fx.Node, rw: Rewrite, gone: np.ndarray) -> None:
     """Move a channel slice's bounds past the removed channels (``gone``: bool per channel)."""
-    start = rw.info["start"] - int(gone[: rw.info["start"]].sum())
-    kept = rw.info["n"] - int(gone[rw.info["start"] : rw.info["start"] + rw.info["n"]].sum())
+    start, kept = _slice_bounds(rw, gone)
     src, idx = node.args
     items = list(idx) if isinstance(idx, tuple) else [idx]
     items[rw.info["pos"]] = slice(start, start + kept)

@@ -128,11 +128,16 @@ class Graph:
         self.module.graph.lint()
         self.module.recompile()
 
-    def propagate_shapes(self, inputs: tuple[torch.Tensor, ...] | None = None) -> None:
+    def propagate_shapes(self, inputs: tuple[torch.Tensor, ...] | None = None) -> Any:
         """Run the module once on ``inputs`` (the example inputs by default), recording every
-        node's output shapes and dtypes in its :class:`NodeMeta`."""
-        with torch.no_grad():
-            _ShapeRecorder(self.module).run(
+        node's output shapes and dtypes in its :class:`NodeMeta`.
+
+        Returns the module's outputs, computed as the pass manager's verification computes
+        them (no autograd, the RNG seeded with 0 and restored after), so the manager reuses
+        this run instead of running the model a second time."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _ShapeRecorder(self.module).run(
                 *(inputs if inputs is not None else self.example_inputs)
             )
 

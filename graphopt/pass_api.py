@@ -151,6 +151,7 @@ class PassReport:
     drift_total: dict[str, float] = field(default_factory=dict)
     params: int = 0
     verified: bool = False
+    check_seconds: float = 0.0  # the manager's structure check and verification after the pass
 
     @property
     def summary(self) -> str:

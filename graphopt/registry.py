@@ -3,12 +3,15 @@ are its ``builtin`` entry, ``graphopt.passes:builtin_passes``; every other packa
 plug-ins) and passes registered at run time with :func:`register_pass`.
 
 The registry imports no pass module by name; nothing registers itself as a side effect of
-being imported. Built-ins win over a plug-in that claims the same name.
+being imported. Built-ins win over a plug-in that claims the same name. An entry point may
+name its passes lazily, as a dict ``{pass name: "module:Class"}``: the module is imported when
+the pass is first asked for (the built-ins do this, so parsing ``prune`` imports no quantizer).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from importlib import metadata
 from typing import Any
@@ -28,6 +31,7 @@ class Registry:
     def __init__(self) -> None:
         self._passes: dict[str, type[Pass]] = {}
         self._origin: dict[str, str] = {}
+        self._lazy: dict[str, str] = {}  # name -> "module:Class", imported on first use
         self._loaded = False
 
     def add(self, cls: type[Pass], origin: str = "user", replace: bool = False) -> None:
@@ -35,6 +39,11 @@ class Registry:
             raise TypeError(f"{cls!r} is not a graphopt Pass subclass")
         if not cls.name:
             raise ValueError(f"pass class {cls.__name__} has no name")
+        if cls.name in self._lazy and not replace:
+            raise ValueError(
+                f"a pass named {cls.name!r} is already registered "
+                f"(from {self._origin[cls.name]}); choose another name"
+            )
         if cls.name in self._passes and not replace and self._passes[cls.name] is not cls:
             raise ValueError(
                 f"a pass named {cls.name!r} is already registered "
@@ -42,6 +51,24 @@ class Registry:
             )
         self._passes[cls.name] = cls
         self._origin[cls.name] = origin
+        self._lazy.pop(cls.name, None)
+
+    def _add_lazy(self, name: str, ref: str, origin: str) -> None:
+        self._lazy[name] = ref
+        self._origin[name] = origin
+
+    def _resolve(self, name: str) -> type[Pass]:
+        """Import a lazily named pass and check that it is the pass the table promised."""
+        ref = self._lazy[name]
+        module, _, attr = ref.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, Pass)) or cls.name != name:
+            raise TypeError(
+                f"entry {name!r} -> {ref!r} is not a graphopt Pass named {name!r} "
+                f"(got {cls!r}); fix the package's graphopt.passes entry point"
+            )
+        self.add(cls, self._origin[name], replace=True)
+        return cls
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -58,16 +85,28 @@ class Registry:
             origin = "builtin" if builtin else f"plugin:{ep.dist.name if ep.dist else ep.value}"
             try:
                 obj = ep.load()
+                if callable(obj) and not isinstance(obj, type):
+                    obj = obj()
+                lazy = _lazy_table(obj)
             except Exception as e:
                 log.warning(
                     "plug-in pass entry point %r (%s) failed to load: %s", ep.name, ep.value, e
                 )
                 continue
+            if lazy is not None:
+                for name, ref in lazy.items():
+                    if builtin or self._origin.get(name) != "builtin":
+                        self._add_lazy(name, ref, origin)
+                    else:
+                        log.warning(
+                            "plug-in %s tries to replace built-in pass %r; ignored", origin, name
+                        )
+                continue
             for cls in _pass_classes(obj):
                 if builtin:
                     self.add(cls, "builtin", replace=True)
                     continue
-                if cls.name in self._passes and self._origin[cls.name] == "builtin":
+                if self._origin.get(cls.name) == "builtin":
                     log.warning(
                         "plug-in %s tries to replace built-in pass %r; ignored", origin, cls.name
                     )
@@ -76,15 +115,17 @@ class Registry:
 
     def get(self, name: str) -> type[Pass]:
         self._ensure_loaded()
+        if name in self._lazy:
+            return self._resolve(name)
         if name in self._passes:
             return self._passes[name]
-        near = difflib.get_close_matches(name, list(self._passes), n=1, cutoff=0.5)
+        near = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise UnknownPassError(f"unknown pass {name!r}{hint} (run 'graphopt passes' to list them)")
 
     def names(self) -> list[str]:
         self._ensure_loaded()
-        return sorted(self._passes)
+        return sorted({*self._passes, *self._lazy})
 
     def origin(self, name: str) -> str:
         self._ensure_loaded()
@@ -92,12 +133,14 @@ class Registry:
 
     def items(self) -> list[tuple[str, type[Pass]]]:
         self._ensure_loaded()
+        for name in list(self._lazy):
+            self._resolve(name)
         return sorted(self._passes.items())
 
     def reload(self) -> None:
         """Forget plug-ins and built-ins and discover them again (user passes are kept)."""
         user = {n: c for n, c in self._passes.items() if self._origin[n] == "user"}
-        self._passes, self._origin, self._loaded = {}, {}, False
+        self._passes, self._origin, self._lazy, self._loaded = {}, {}, {}, False
         self._ensure_loaded()
         for cls in user.values():
             self.add(cls, "user", replace=True)
@@ -109,6 +152,16 @@ def _is_builtin(ep: metadata.EntryPoint) -> bool:
 
 def _builtin_first(ep: metadata.EntryPoint) -> int:
     return 0 if _is_builtin(ep) else 1
+
+
+def _lazy_table(obj: Any) -> dict[str, str] | None:
+    """The entry point's ``{name: "module:Class"}`` table, if it gives one; ``None`` when it
+    gives pass classes instead."""
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in obj.items()):
+            raise TypeError(f"a lazy pass table must map names to 'module:Class', got {obj!r}")
+        return dict(obj)
+    return None
 
 
 def _pass_classes(obj: Any) -> list[type[Pass]]:

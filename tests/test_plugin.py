@@ -232,3 +232,46 @@ def test_cli_runs_a_pipeline_with_the_plugin_pass(plugin_site, tmp_path):
     assert first["name"] == PASS and first["modified"] and first["verified"]
     assert first["details"]["removed"] and len(first["details"]["removed"]) == 1
     assert PASS in proc.stdout  # the summary table
+
+
+def test_builtin_table_names_each_pass_it_promises():
+    """Every lazy built-in entry imports to a Pass class carrying exactly that name."""
+    from graphopt.pass_api import Pass
+    from graphopt.passes import BUILTIN_PASSES
+
+    reg = Registry()
+    assert set(BUILTIN_PASSES) <= set(reg.names())
+    for name in BUILTIN_PASSES:
+        cls = reg.get(name)
+        assert issubclass(cls, Pass) and cls.name == name
+        assert reg.origin(name) == "builtin"
+
+
+def test_parsing_a_pipeline_imports_only_its_passes():
+    code = textwrap.dedent(
+        """
+        import sys
+        from graphopt.manager import Pipeline
+        Pipeline.parse("fold-bn,prune(ratio=0.5)")
+        loaded = sorted(m for m in sys.modules if m.startswith("graphopt.passes."))
+        print(" ".join(loaded))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert "graphopt.passes.prune" in loaded and "graphopt.passes.fold_bn" in loaded
+    assert not any(m.startswith(("graphopt.passes.qdq", "graphopt.passes.distill")) for m in loaded)
+
+
+def test_a_user_pass_cannot_silently_take_a_lazy_builtin_name():
+    from graphopt.pass_api import Pass
+
+    reg = Registry()
+    reg.names()  # load the entry points; the built-ins are still unimported
+
+    class Impostor(Pass):
+        name = "qdq"
+
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add(Impostor)
+    assert reg.get("qdq").__module__.startswith("graphopt.passes.qdq")

@@ -83,7 +83,7 @@ def load_program(path: str | os.PathLike) -> fx.GraphModule:
     _constants_as_buffers(gm)
     rebuilt = rebuild_layers(gm)
     log.info("%s: rebuilt %d layers as modules", path, rebuilt)
-    out = lift(gm, gm).eval()
+    out = lift(gm.graph, gm).eval()
     out.meta[PROGRAM_META] = str(path)
     return out
 

@@ -35,6 +35,24 @@ def _configs():
             num_conv_pos_embedding_groups=4,
             **small,
         ),  # fmt: skip
+        # an encoder-decoder: hf:PATH compresses its encoder (log-mel frames in)
+        "whisper": t.WhisperConfig(
+            vocab_size=99,
+            num_mel_bins=16,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_source_positions=16,
+            max_target_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
     }
 
 
@@ -185,10 +203,14 @@ def test_the_cli_compresses_a_saved_hugging_face_folder(hf_model, tmp_path, caps
     from graphopt.app import cli
 
     name, model, inputs = hf_model
-    if name != "bert":
-        pytest.skip("one transformer is enough here")
-    folder = tmp_path / "bert"
-    model.save_pretrained(folder)
+    if name not in ("bert", "whisper"):
+        pytest.skip("one encoder and one encoder-decoder are enough here")
+    folder = tmp_path / name
+    if name == "whisper":  # the whole encoder-decoder, as a user keeps it
+        torch.manual_seed(0)
+        transformers.AutoModel.from_config(_configs()["whisper"]).save_pretrained(folder)
+    else:
+        model.save_pretrained(folder)
     out = tmp_path / "out"
     code = cli.main(
         [
@@ -203,6 +225,9 @@ def test_the_cli_compresses_a_saved_hugging_face_folder(hf_model, tmp_path, caps
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / "model.onnx").is_file()
+    if name == "whisper":
+        assert "encoder-decoder" in captured.err and "compressing its encoder" in captured.err
+        return
     code = cli.main(
         [
             "run",

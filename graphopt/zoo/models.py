@@ -13,7 +13,9 @@
 * ``hf:PATH``: a Hugging Face transformers model saved with ``save_pretrained`` in the local
   folder ``PATH`` (config + safetensors; nothing is downloaded). Its example input is what the
   config says it reads: token ids ``(1, 32)`` for text models, ``pixel_values`` for vision
-  models, ``input_values`` for audio ones (``--input-shape`` changes the shape).
+  models, ``input_values`` for audio ones, log-mel ``input_features`` for Whisper-style
+  encoders (``--input-shape`` changes the shape). Of an encoder-decoder model (Whisper, T5)
+  the encoder is compressed, with a warning: generation runs the decoder step by step.
 
 ``named_inputs`` (CLI: ``--input NAME=DIMS[:DTYPE]``, repeatable) replaces the single example
 input by keyword inputs, e.g. ``input_ids=1,128:int64`` and ``attention_mask=1,128:int64``.
@@ -231,6 +233,17 @@ def _hugging_face(path: Path) -> tuple[nn.Module, tuple[int, ...], int | None]:
     cfg = model.config
     if getattr(cfg, "use_cache", None):
         cfg.use_cache = False  # a compressed model runs whole sequences: no key/value cache
+    if getattr(cfg, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        # a sequence-to-sequence model (Whisper, T5, ...) generates token by token; what
+        # compresses as one graph is its encoder, which reads the model's main input
+        log.warning(
+            "hf:%s is an encoder-decoder model (%s); compressing its encoder",
+            path,
+            type(model).__name__,
+        )
+        main = model.main_input_name
+        model = model.get_encoder()
+        model.main_input_name = getattr(model, "main_input_name", main)
     name = model.main_input_name
     if name == "input_ids":
         return model, (1, 32), int(cfg.vocab_size)
@@ -240,8 +253,9 @@ def _hugging_face(path: Path) -> tuple[nn.Module, tuple[int, ...], int | None]:
         return model, (1, int(getattr(cfg, "num_channels", 3)), size, size), None
     if name == "input_values":
         return model, (1, 16000), None
-    if name == "input_features":
-        return model, (1, int(getattr(cfg, "num_mel_bins", 80)), 3000), None
+    if name == "input_features":  # log-mel frames; Whisper's encoder wants exactly 2 x positions
+        frames = 2 * int(getattr(cfg, "max_source_positions", 1500))
+        return model, (1, int(getattr(cfg, "num_mel_bins", 80)), frames), None
     raise ModelSpecError(f"hf:{path}: graphopt does not know how to feed {name!r} inputs yet")
 
 

@@ -158,6 +158,60 @@ def auto_pairs(student: Graph, teacher: Graph, limit: int = 4) -> list[FeaturePa
     return pairs
 
 
+# -- attention projections (MiniLM) -------------------------------------------------------------
+_RESHAPES = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten"}
+
+
+def _projection(node: object) -> fx.Node | None:
+    """The module call whose output reaches ``node`` through reshapes and transposes only."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            return node
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op not in ("call_method", "call_function") or name not in _RESHAPES:
+            return None
+        node = node.args[0] if node.args else None
+    return None
+
+
+def attention_pairs(student: Graph, teacher: Graph) -> list[FeaturePair]:
+    """The query, key and value projections of the teacher's last attention layer (the module
+    calls feeding its last ``scaled_dot_product_attention`` through reshapes), each paired with
+    the student's call of the same module by provenance: MiniLM's choice of features for
+    :func:`~graphopt.passes.distill.losses.relation_loss`."""
+    sdpa = [
+        n
+        for n in teacher.nodes
+        if n.op == "call_function"
+        and getattr(n.target, "__name__", "") == "scaled_dot_product_attention"
+    ]
+    if not sdpa:
+        raise OptionError(
+            "distill: features=attention found no scaled_dot_product_attention in the teacher "
+            "(nn.MultiheadAttention computes q, k and v inside one module); name the pairs "
+            "instead, e.g. features=layer.3.attn.q:layer.3.attn.q"
+        )
+    last = sdpa[-1]
+    projections = [_projection(a) for a in list(last.args[:3])]
+    if any(p is None for p in projections):
+        raise OptionError(
+            f"distill: features=attention: the inputs of {last.name!r} do not come from module "
+            "calls through reshapes only; name the pairs instead"
+        )
+    by_node = {n: key for key, n in _origin_keys(teacher).items()}
+    s_keys = _origin_keys(student)
+    pairs = []
+    for proj in projections:
+        sn = s_keys.get(by_node[proj])
+        if sn is None:
+            raise OptionError(
+                f"distill: features=attention: the student has no call of {by_node[proj][0]!r}"
+            )
+        pairs.append(FeaturePair(sn.name, proj.name))
+    log.info("distill: attention pairs (q, k, v) %s", ", ".join(map(str, pairs)))
+    return pairs
+
+
 # -- adapters -----------------------------------------------------------------------------------
 class ChannelAdapter(nn.Module):
     """A learned linear map of one dimension (the channels) from the student's width to the

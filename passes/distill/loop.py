@@ -45,6 +45,7 @@ from graphopt.passes.distill.checkpoint import CHECKPOINT, EpochStats, resume, s
 from graphopt.passes.distill.features import (
     FeaturePair,
     adapter_for,
+    attention_pairs,
     auto_pairs,
     parse_pairs,
     tapped_module,
@@ -75,9 +76,15 @@ class DistillOptions:
     )
     features: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "feature pairs student:teacher (node or module path), or auto"},
+        metadata={
+            "help": "feature pairs student:teacher (node or module path), auto (by provenance), "
+            "or attention (the last layer's q, k, v; with feature-loss=relation: MiniLM)"
+        },
     )
-    feature_loss: str = field(default="mse", metadata={"help": "registered feature loss: mse, at"})
+    feature_loss: str = field(
+        default="mse",
+        metadata={"help": "registered feature loss: mse, at, relation (MiniLMv2; for attention)"},
+    )
     feature_weight: float = field(default=1.0, metadata={"help": "weight β of the feature loss"})
     mixup: float = field(
         default=0.0,
@@ -128,8 +135,9 @@ class DistillOptions:
             if not ok:
                 raise OptionError(f"distill: {message}")
         get_loss(self.feature_loss)
-        if "auto" in self.features and len(self.features) > 1:
-            raise OptionError("distill: features=auto cannot be combined with explicit pairs")
+        for word in ("auto", "attention"):
+            if word in self.features and len(self.features) > 1:
+                raise OptionError(f"distill: features={word} cannot be combined with other pairs")
 
 
 # -- modules --------------------------------------------------------------------------------------
@@ -306,6 +314,8 @@ def distill(
 
         if opts.features == ("auto",):
             pairs = auto_pairs(student, teacher)
+        elif opts.features == ("attention",):
+            pairs = attention_pairs(student, teacher)
         else:
             pairs = parse_pairs(student, teacher, opts.features)
         s_tapped = tapped_module(gm, [p.student for p in pairs])

@@ -1,13 +1,13 @@
 """The C backend against ONNX Runtime: flash, RAM, compile time and single-thread latency.
 
     python benchmarks/c_backend.py [--models digits:vgg,resnet18,mobilenet_v2]
-                                   [--shape 1,3,64,64] [--runs 200] [--rounds 5]
+                                   [--shape 1,3,64,64] [--runs 200] [--rounds 5] [--simd]
 
 For each model, float and int8 (ORT ``quantize_static``: QDQ, per-channel int8 weights, int8
 activations, 32 calibration inputs: the digits training split for digits:vgg, random normal
 inputs otherwise): weight bytes (flash), arena bytes against the lower bound, the time to
-emit and to compile the C with ``cc -O3 -march=native`` (weights and code compiled in
-parallel), and the latency of the C against ORT with one thread, measured in the same run:
+emit and to compile the C with ``cc -O3 -march=native`` (``--simd`` adds ``-DGP_SIMD``: the
+int8 kernels' optional AVX2 intrinsics; weights and code compiled in parallel), and the latency of the C against ORT with one thread, measured in the same run:
 ``--rounds`` rounds of ``--runs`` calls each, alternating C and ORT, the median of the round
 medians. Parity is printed alongside (float: max |C - ORT| over the output range; int8: share
 of outputs within one quantization step of ORT's).
@@ -124,9 +124,9 @@ def _parity(path: Path, cm, sess, x, int8: bool) -> str:
     return f"{(np.abs(got - ref) / step <= 1.001).mean():.1%} within 1 step"
 
 
-def bench(path: Path, x: np.ndarray, label: str, int8: bool, runs: int, rounds: int):
+def bench(path: Path, x: np.ndarray, label: str, int8: bool, runs: int, rounds: int, flags):
     t0 = time.perf_counter()
-    cm = build(path, flags=FLAGS)
+    cm = build(path, flags=flags)
     total = time.perf_counter() - t0
     sess = _session(path)
     c_ms, o_ms = _latency(cm, sess, x, runs, rounds)
@@ -154,7 +154,9 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="1,3,64,64", help="input shape of torchvision models")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--simd", action="store_true", help="compile with -DGP_SIMD (AVX2 paths)")
     args = ap.parse_args(argv)
+    flags = (*FLAGS, "-DGP_SIMD") if args.simd else FLAGS
     shape = tuple(int(d) for d in args.shape.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -162,8 +164,8 @@ def main(argv=None) -> None:
             path, x, calib = _export(name, shape, Path(d))
             qpath = _quantize(path, calib)
             label = name if name.startswith("digits") else f"{name} {'x'.join(map(str, shape))}"
-            rows.append(bench(path, x, label, False, args.runs, args.rounds))
-            rows.append(bench(qpath, x, label, True, args.runs, args.rounds))
+            rows.append(bench(path, x, label, False, args.runs, args.rounds, flags))
+            rows.append(bench(qpath, x, label, True, args.runs, args.rounds, flags))
     head = [
         "model",
         "kind",
@@ -190,7 +192,7 @@ def main(argv=None) -> None:
     except (OSError, StopIteration):
         pass
     print(
-        f"{datetime.date.today()}, {cpu}, {cc} {' '.join(FLAGS)} "
+        f"{datetime.date.today()}, {cpu}, {cc} {' '.join(flags)} "
         f"({version.splitlines()[0] if version else '?'}), onnxruntime {ort.__version__}, "
         f"{args.rounds} rounds x {args.runs} runs, one thread\n"
     )

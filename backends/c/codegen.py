@@ -24,6 +24,7 @@ class CodeGen:
         self.helpers: dict[str, str] = {}
         self.sparse = True  # store weights sparse where that is smaller (see sparse.py)
         self.sparse_layers: list[dict] = []
+        self.step = -1  # the node being emitted
 
     # -- EmitContext ----------------------------------------------------------------------
     def t(self, name):
@@ -51,6 +52,11 @@ class CodeGen:
     def helper(self, key: str, code: str) -> None:
         self.helpers.setdefault(key, code)
 
+    def scratch(self, ctype: str) -> str:
+        if self.step not in self.plan.scratch:
+            raise AssertionError(f"step {self.step} asked for scratch it did not plan")
+        return f"(({ctype} *)(A + {self.plan.scratch[self.step]}))"
+
     # -- files ----------------------------------------------------------------------------
     def run_body(self) -> str:
         parts = []
@@ -61,6 +67,7 @@ class CodeGen:
                 continue
             fused = node.extra.get("fused")
             title = f"{node.op} {node.name!r}" + (f" + {fused}" if fused else "")
+            self.step = step
             code = op.emit(node, self)
             parts.append(
                 f"  /* {step}: {_comment(title)} */\n  GP_PROF({step}, 0);\n  {{\n"

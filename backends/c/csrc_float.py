@@ -30,6 +30,39 @@ static void gp_act_f32(float *y, long n, int act, float lo, float hi)
 }
 """
 
+# y[j] = act(acc[j]) for a freshly computed block: one simple loop per activation, so that
+# each vectorises (the branchy per-element form does not)
+STORE_ACT = r"""
+static void gp_store_act_f32(float *y, const float *acc, long n, int act, float lo, float hi)
+{
+  long j;
+  if (act == 1) {
+    for (j = 0; j < n; ++j) y[j] = acc[j] > 0.f ? acc[j] : 0.f;
+  } else if (act == 2) {
+    for (j = 0; j < n; ++j) { const float v = acc[j] < lo ? lo : acc[j]; y[j] = v > hi ? hi : v; }
+  } else {
+    for (j = 0; j < n; ++j) y[j] = acc[j];
+  }
+}
+"""
+
+# the activation in place on a block of @N@ values (a fixed count: GCC vectorises it even
+# inlined into a kernel, where it turns a loop of unknown count into compare-and-branch code)
+ACT_BLOCK = r"""
+static void gp_act_block_f32_@N@(float *a, int act, float lo, float hi)
+{
+  int j;
+  if (act == 1) {
+    GP_NOUNROLL for (j = 0; j < @N@; ++j) a[j] = a[j] > 0.f ? a[j] : 0.f;
+  } else if (act == 2) {
+    GP_NOUNROLL for (j = 0; j < @N@; ++j) {
+      const float v = a[j] < lo ? lo : a[j];
+      a[j] = v > hi ? hi : v;
+    }
+  }
+}
+"""
+
 # direct convolution for weights in ONNX layout [M][C/G][KH][KW] (constant or not):
 # per (output channel, input channel, tap) an axpy over the valid part of each output row.
 CONV_GENERIC = r"""

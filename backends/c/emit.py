@@ -123,6 +123,8 @@ def emit(
     if not _NAME.match(name):
         raise BackendError(f"name {name!r} is not a C identifier")
     prog = compile_program(onnx_model_or_path, input_shapes)
+    for node in prog.nodes:
+        OPS[node.op].prepare(node, prog.tensors, sparse)
     plan = planner.plan(prog, OPS)
     cg = CodeGen(prog, plan, name, OPS)
     cg.sparse = sparse

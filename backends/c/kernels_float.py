@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv_fast, csrc_float, sparse
+from . import conv_dw, conv_fast, csrc_float, sparse
 from .ctext import (
     act_args,
     act_expr,
@@ -25,6 +25,7 @@ from .ctext import (
 )
 from .ir import FLOAT, Node, Unsupported
 from .opbase import (
+    FAST,
     ConvGeometry,
     EmitContext,
     Op,
@@ -255,12 +256,24 @@ class Conv(Op):
         node.extra["geo"] = ConvGeometry.of(x.shape, w.shape, p, g)
         return [((x.shape[0], m, *p["out"]), FLOAT)]
 
+    def prepare(self, node, tensors, sparse_ok):
+        geo: ConvGeometry = node.extra["geo"]
+        w = tensors[node.inputs[1]].value
+        if w is None or (sparse_ok and sparse.best(w) is not None):
+            return
+        if "depthwise" in FAST and conv_dw.applicable(geo):
+            node.extra.update(kernel="depthwise", scratch=conv_dw.scratch_bytes(geo))
+        elif "packed" in FAST and conv_fast.applicable(geo):
+            node.extra.update(kernel="packed", scratch=conv_fast.scratch_bytes(geo))
+
     def emit(self, node, cg):
         x, w, y = (cg.t(n) for n in (node.inputs[0], node.inputs[1], node.outputs[0]))
         b = cg.t(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
         geo: ConvGeometry = node.extra["geo"]
         act = node.extra.get("act")
         bias = cg.ptr(b.name) if b is not None else "0"
+        if node.extra.get("kernel") == "depthwise":
+            return conv_dw.emit_float(cg, geo, w.value, bias, cg.ptr(x.name), cg.ptr(y.name), act)
         if w.value is not None:
             wv = np.asarray(w.value, np.float32)
             code = sparse.emit_conv(cg, node, geo, wv, cg.ptr(x.name), cg.ptr(y.name), bias)
@@ -268,7 +281,7 @@ class Conv(Op):
                 cg.helper("act", csrc_float.ACT)
                 n_out = geo.N * geo.y_size
                 return code + f"\n  gp_act_f32({cg.ptr(y.name)}, {n_out}, {act_args(act)});"
-        if w.value is not None and conv_fast.applicable(geo):
+        if node.extra.get("kernel") == "packed":
             return conv_fast.emit(cg, geo, w.value, b, cg.ptr(x.name), cg.ptr(y.name), act)
         cg.helper("div", csrc_float.DIV)
         cg.helper("act", csrc_float.ACT)

@@ -24,11 +24,11 @@ import math
 
 import numpy as np
 
-from . import conv_fast, csrc_float, csrc_int8, sparse
+from . import conv_dw, conv_fast, conv_q8, csrc_float, csrc_int8, sparse
 from .ctext import c_float
 from .ir import FLOAT, Node, Tensor, Unsupported
 from .kernels_pool import window_arrays
-from .opbase import ConvGeometry, Op, need, norm_axis, opt
+from .opbase import FAST, ConvGeometry, Op, need, norm_axis, opt
 
 QTYPES = {np.dtype(np.int8): ("int8_t", -128, 127), np.dtype(np.uint8): ("uint8_t", 0, 255)}
 # QuantizeLinear / DequantizeLinear also take 16-bit integers (their groups stay float)
@@ -41,7 +41,8 @@ _TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}
 
 
 def quantize_multiplier(m: float) -> tuple[int, int]:
-    """``m ~= qm * 2^-(31 + qs)`` with ``qm`` in [2^30, 2^31) (``(0, 0)`` for ``m == 0``)."""
+    """``m ~= qm * 2^-(31 + qs)`` with ``qm`` in [2^30, 2^31) and ``31 + qs <= 62``; ``(0, 0)``
+    for ``m == 0`` and for ``m < 2^-32``, which scales every int32 to 0."""
     if m <= 0:
         return 0, 0
     mant, exp = math.frexp(m)
@@ -51,6 +52,8 @@ def quantize_multiplier(m: float) -> tuple[int, int]:
         exp += 1
     if exp > 30:
         raise Unsupported(f"requantisation multiplier {m:g} is too large")
+    if 31 - exp > 62:
+        return 0, 0
     return qm, -exp
 
 
@@ -151,10 +154,11 @@ def _qargs(cg, e) -> str:
     return f"{e['zx']}, {qm}, {qs}, {e['zy']}, {e['qmin']}, {e['qmax']}"
 
 
-def _helpers(cg) -> None:
+def _helpers(cg, requant: bool = True) -> None:
     cg.helper("div", csrc_float.DIV)
     cg.helper("nounroll", conv_fast.NOUNROLL)
-    cg.helper("requant", csrc_int8.REQUANT)
+    if requant:  # a static function no kernel calls would trip -Wunused-function
+        cg.helper("requant", csrc_int8.REQUANT)
 
 
 def _kernel(cg, e, kind: str, template: str) -> str:
@@ -168,39 +172,38 @@ def _kernel(cg, e, kind: str, template: str) -> str:
 
 
 class QConv(Op):
+    def prepare(self, node, tensors, sparse_ok):
+        e = node.extra
+        if sparse_ok and sparse.best(e["w"]) is not None:
+            return
+        geo = e["geo"]
+        # both sum small integers in float (exact: csrc_int8.f32_exact)
+        if "depthwise" in FAST and conv_dw.applicable(geo) and csrc_int8.f32_exact(e["w"]):
+            e.update(kernel="depthwise", scratch=conv_dw.scratch_bytes(geo, int8=True))
+        elif "int8-gemm" in FAST and conv_q8.applicable(geo, e["w"], e["bias"]):
+            e.update(kernel="int8-gemm", scratch=conv_q8.scratch_bytes(geo))
+
     def emit(self, node, cg):
         e = node.extra
-        _helpers(cg)
         geo: ConvGeometry = e["geo"]
+        kernel = e.get("kernel")
+        # the depthwise and GEMM int8 kernels requantise rows (gp_requant_row)
+        _helpers(cg, kernel not in ("depthwise", "int8-gemm"))
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
-        bias = cg.weight(e["bias"], "conv_bias_int32") if e["bias"] is not None else "0"
         q = _qargs(cg, e)
         x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
         ptrs = f"  const {xt} *x = {x};\n  {yt} *y = {y};\n"
+        bias = cg.weight(e["bias"], "conv_bias_int32") if e["bias"] is not None else "0"
+        if kernel == "depthwise":
+            return ptrs + conv_dw.emit_int8(cg, geo, e, bias, q)
+        if kernel == "int8-gemm":
+            return ptrs + conv_q8.emit(cg, geo, e, bias, q)
         code = sparse.emit_conv(cg, node, geo, e["w"], "x", "y", bias, q, (xt, wt, yt))
         if code is not None:
             return ptrs + code
-        if conv_fast.pointwise(geo):
-            fn = _kernel(cg, e, "qpw", csrc_int8.QPW)
-            w = cg.weight(conv_fast.pack(e["w"], 1, 4, e["w"].dtype).reshape(-1), "qpw_w_packed_4")
-            args = f"{geo.C}, {geo.M}, {geo.H * geo.W}"
-        elif geo.depthwise:
-            fn = _kernel(cg, e, "qdw", csrc_int8.QDW)
-            w = cg.weight(e["w"].reshape(-1), "qdw_w")
-            args = geo.args(skip=("M", "G"))
-        elif conv_fast.applicable(geo):
-            mb = conv_fast.block_size(geo.M // geo.G)
-            fn, src = conv_fast.convp_source(mb, {"xt": xt, "yt": yt, "wt": wt})
-            cg.helper(fn, src)
-            w = cg.weight(
-                conv_fast.pack(e["w"], geo.G, mb, e["w"].dtype).reshape(-1),
-                f"qconv_w_packed_{mb}",
-            )
-            args = geo.args()
-        else:
-            fn = _kernel(cg, e, "qconv", csrc_int8.QCONV)
-            w = cg.weight(e["w"].reshape(-1), "qconv_w")
-            args = geo.args()
+        fn = _kernel(cg, e, "qconv", csrc_int8.QCONV)
+        w = cg.weight(e["w"].reshape(-1), "qconv_w")
+        args = geo.args()
         return (
             ptrs + f"  int n;\n  for (n = 0; n < {geo.N}; ++n)\n"
             f"    {fn}(x + (long)n * {geo.x_size}, {w}, {bias}, y + (long)n * {geo.y_size}, "

@@ -27,6 +27,16 @@ class EmitContext(Protocol):
     def helper(self, key: str, code: str) -> None:
         """Emit a ``static`` helper function once (``key`` identifies it)."""
 
+    def scratch(self, ctype: str) -> str:
+        """A C expression: a ``ctype *`` to the ``node.extra["scratch"]`` bytes of arena the
+        node being emitted asked for (in use only during its step)."""
+
+
+#: The specialised conv kernels in use. A test removes a name to get the generic kernel the
+#: specialised one must match: "depthwise" (:mod:`.conv_dw`, float and int8), "packed" (float,
+#: :mod:`.conv_fast`), "int8-gemm" (:mod:`.conv_q8`).
+FAST: set[str] = {"depthwise", "packed", "int8-gemm"}
+
 
 class Op:
     """One ONNX op type. ``infer`` checks a node and returns its outputs' (shape, dtype);
@@ -38,6 +48,11 @@ class Op:
 
     alias: bool = False
     inplace: tuple[int, ...] = ()
+
+    def prepare(self, node: Node, tensors: dict[str, Tensor], sparse_ok: bool) -> None:
+        """Choose the kernel before the arena is planned (``emit`` follows the choice); set
+        ``node.extra["scratch"]`` to the bytes of arena it needs during its step, if any.
+        ``sparse_ok``: sparse weight storage is allowed."""
 
     def infer(self, node: Node, ins: list[Tensor | None]) -> list[tuple[Sequence[int], Any]]:
         raise NotImplementedError

@@ -7,7 +7,9 @@ Storage:
 - constants are ``const`` arrays in flash;
 - every other tensor lives in a *buffer* in the arena. A view op (Reshape, Flatten, Squeeze,
   Unsqueeze, Identity) puts its output in its input's buffer; an element-wise op whose input
-  dies at that node may write its output over that input (``Op.inplace``).
+  dies at that node may write its output over that input (``Op.inplace``);
+- the working memory a kernel asks for (``node.extra["scratch"]`` bytes: a padded plane, an
+  im2col tile) is a buffer too, live during that node's step only.
 
 A buffer lives from the step that first writes it to the last step that reads any tensor in it,
 inclusive (inputs and outputs of one step are live together). The **lower bound** is the
@@ -54,6 +56,7 @@ class Plan:
     copies: list[tuple[str, int]]  # (tensor, output index) copied at the end of the run
     inplace: int = 0
     aliased: int = 0
+    scratch: dict[int, int] = field(default_factory=dict)  # step -> byte offset
 
 
 def plan(prog: Program, ops: dict) -> Plan:
@@ -130,6 +133,12 @@ def plan(prog: Program, ops: dict) -> Plan:
             buf_of[out] = b
     for b in buffers:
         b.last = buffer_last(b)
+    scratch_of: dict[int, Buffer] = {}
+    for step, node in enumerate(prog.nodes):
+        nbytes = int(node.extra.get("scratch", 0))
+        if nbytes > 0:  # a kernel's working memory, live during its step only
+            scratch_of[step] = Buffer(len(buffers), nbytes, step, step, [])
+            buffers.append(scratch_of[step])
     end = len(prog.nodes)
 
     lower = 0
@@ -154,7 +163,8 @@ def plan(prog: Program, ops: dict) -> Plan:
         n_inplace,
         n_alias,
     )
-    return Plan(where, buffers, best[1], lower, copies, n_inplace, n_alias)
+    scratch = {step: b.offset for step, b in scratch_of.items()}
+    return Plan(where, buffers, best[1], lower, copies, n_inplace, n_alias, scratch)
 
 
 def _greedy(buffers: list[Buffer], key) -> tuple[dict[int, int], int]:

@@ -1,0 +1,337 @@
+"""int8 convolution as blocked int16 dot products over (kernel row, kernel column, input
+channel), for constant weights; and a pixel-vectorised kernel for 1x1 convs over few channels.
+
+The input of each group goes once into scratch, channels last and zero-padded, as ``x - zx``
+in int16 (``XS[HP][WP][cg]``; the padding is 0, which is what a tap outside the input
+contributes, so no zero-point correction is needed). Output pixels are then taken in tiles of
+``PT``: each pixel's taps are copied into one row ``R[p][kh][kw][c]`` (``KH`` copies of
+``KW * cg`` values when the dilation is 1), zero-padded to ``KP``, a multiple of 16. A 1x1,
+stride-1, unpadded conv reads its rows straight from ``XS``, which then has ``KP`` values per
+pixel.
+
+Weights are packed at code-generation time as ``[G][MG4][KP]`` (``w[m][kh][kw][c]``, zero past
+``K`` and in the rows that pad each group to a multiple of 4 channels). Each block of 4 output
+channels x 3 pixels is 12 dot products ``sum_k w[m][k] * R[p][k]`` over the same ``k``: int16 x
+int8 (or int16) products summed in int32, the reduction ``cc -O3`` vectorises (x86:
+``vpmaddwd``; with 8-bit rows GCC 12 picks ``vpmullw`` and widening adds instead, 3x slower,
+hence int16 rows). ``b[m] + dot`` goes to an int32 tile (``MG4 x PT``), requantised a channel
+row at a time by the vectorised ``gp_requant_row``: the integers of the generic kernel, summed
+in another order, so the outputs are bit-exact with it; :func:`applicable` checks that no
+partial sum can leave int32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .csrc_int8 import SIMD, f32_exact, requant_row, saturation_caps
+from .opbase import ConvGeometry
+
+MB, PB = 4, 3  # output channels x pixels per block of dot products
+TILE_BYTES = 1 << 15  # im2col rows per tile: at most this many bytes (see _tile)
+
+KERNELS = r"""
+/* XS[HP][WP][KC] = x[c][r - ph][col - pw] - zx for the group's cg channels, 0 outside */
+static void gp_q8nhwc_@TAG@(const @XT@ *x, int16_t *xs, int cg, int H, int W, int HP, int WP,
+                           int KC, int ph, int pw, int zx)
+{
+  const int r0 = gp_imax(0, ph), r1 = gp_imin(HP, H + ph);
+  const int c0 = gp_imax(0, pw), c1 = gp_imin(WP, W + pw);
+  int c, r, col;
+  if (r0 > 0 || c0 > 0 || r1 < HP || c1 < WP || KC > cg)
+    memset(xs, 0, (size_t)HP * WP * KC * sizeof(int16_t));
+  for (c = 0; c < cg; ++c)
+    for (r = r0; r < r1; ++r) {
+      const @XT@ *xr = x + ((long)c * H + r - ph) * W;
+      int16_t *sr = xs + (long)r * WP * KC + c;
+      for (col = c0; col < c1; ++col) sr[(long)col * KC] = (int16_t)((int32_t)xr[col - pw] - zx);
+    }
+}
+
+/* T[m][p] = b[m] + sum_k w[m][k] R[p][k] (T row stride PT) for np rows R (KP values each)
+   and mg channels of weights w[MG4][KP]: 4 x 3 dot products at a time */
+static void gp_q8dot_@TAG@(const int16_t *R, int np, const @WT@ *w, int mg, int KP,
+                          const int32_t *b, int32_t *T, int PT)
+{
+  int m0, p0, i, j, k;
+  for (m0 = 0; m0 < mg; m0 += 4) {
+    const @WT@ *w0 = w + (long)m0 * KP, *w1 = w0 + KP, *w2 = w1 + KP, *w3 = w2 + KP;
+    for (p0 = 0; p0 < np; p0 += 3) {
+      const int16_t *r0 = R + (long)p0 * KP;
+      const int16_t *r1 = p0 + 1 < np ? r0 + KP : r0;
+      const int16_t *r2 = p0 + 2 < np ? r0 + 2 * KP : r0;
+      int32_t a00 = 0, a01 = 0, a02 = 0, a10 = 0, a11 = 0, a12 = 0;
+      int32_t a20 = 0, a21 = 0, a22 = 0, a30 = 0, a31 = 0, a32 = 0;
+      int32_t acc[4][3];
+      for (k = 0; k < KP; ++k) {
+        const int32_t u = r0[k], v = r1[k], s = r2[k];
+        const int32_t c0 = w0[k], c1 = w1[k], c2 = w2[k], c3 = w3[k];
+        a00 += c0 * u; a01 += c0 * v; a02 += c0 * s;
+        a10 += c1 * u; a11 += c1 * v; a12 += c1 * s;
+        a20 += c2 * u; a21 += c2 * v; a22 += c2 * s;
+        a30 += c3 * u; a31 += c3 * v; a32 += c3 * s;
+      }
+      acc[0][0] = a00; acc[0][1] = a01; acc[0][2] = a02;
+      acc[1][0] = a10; acc[1][1] = a11; acc[1][2] = a12;
+      acc[2][0] = a20; acc[2][1] = a21; acc[2][2] = a22;
+      acc[3][0] = a30; acc[3][1] = a31; acc[3][2] = a32;
+      for (i = 0; i < 4 && m0 + i < mg; ++i) {
+        const int32_t bv = b ? b[m0 + i] : 0;
+        for (j = 0; j < 3 && p0 + j < np; ++j) T[(long)(m0 + i) * PT + p0 + j] = bv + acc[i][j];
+      }
+    }
+  }
+}
+
+/* scratch: T (int32, MG4 x PT), then XS, then (unless direct) one tile of rows R */
+GP_NOINLINE static void gp_q8conv_@TAG@(const @XT@ *x, const @WT@ *wp, const int32_t *b, @YT@ *y,
+                           int32_t *scratch, const uint32_t *ra, int C, int H, int W, int M,
+                           int OH, int OW, int KH, int KW, int sh, int sw, int dh, int dw,
+                           int ph, int pw, int G, int KP, int PT, int zx, const int32_t *qm,
+                           const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const int cg = C / G, mg = M / G, mg4 = (mg + 3) / 4 * 4;
+  const int HP = (OH - 1) * sh + (KH - 1) * dh + 1, WP = (OW - 1) * sw + (KW - 1) * dw + 1;
+  const long P = (long)OH * OW;
+  const int direct = KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  const int KC = direct ? KP : cg;
+  int32_t *T = scratch;
+  int16_t *xs = (int16_t *)(void *)(scratch + (long)mg4 * PT), *R = xs + (long)HP * WP * KC;
+  int g, kh, kw, m;
+  long p0, p, k;
+  for (g = 0; g < G; ++g) {
+    const @WT@ *wg = wp + (long)g * mg4 * KP;
+    const int32_t *bg = b ? b + g * mg : 0;
+    @YT@ *yg = y + (long)g * mg * P;
+    gp_q8nhwc_@TAG@(x + (long)g * cg * H * W, xs, cg, H, W, HP, WP, KC, ph, pw, zx);
+    if (!direct)  /* the tail [KH * KW * cg, KP) of each row stays 0 */
+      memset(R, 0, (size_t)PT * KP * sizeof(int16_t));
+    for (p0 = 0; p0 < P; p0 += PT) {
+      const int np = (int)(P - p0 < PT ? P - p0 : PT);
+      if (!direct)
+        for (p = 0; p < np; ++p) {
+          const int oh = (int)((p0 + p) / OW), ow = (int)((p0 + p) % OW);
+          int16_t *row = R + p * KP;
+          for (kh = 0; kh < KH; ++kh) {
+            const int16_t *src = xs + ((long)(oh * sh + kh * dh) * WP + (long)ow * sw) * cg;
+            if (dw == 1) {  /* a loop, not memcpy: rows of a few channels are short */
+              int16_t *dst = row + (long)kh * KW * cg;
+              for (k = 0; k < (long)KW * cg; ++k) dst[k] = src[k];
+            } else {
+              for (kw = 0; kw < KW; ++kw)
+                memcpy(row + ((long)kh * KW + kw) * cg, src + (long)kw * dw * cg,
+                       (size_t)cg * sizeof(int16_t));
+            }
+          }
+        }
+      gp_q8dot_@TAG@(direct ? xs + p0 * KP : R, np, wg, mg, KP, bg, T, PT);
+      for (m = 0; m < mg; ++m)
+        gp_requant_row_@YTAG@(T + (long)m * PT, yg + (long)m * P + p0, np, qm[g * mg + m],
+                              qs[g * mg + m], ra[g * mg + m], zy, qmin, qmax);
+    }
+  }
+}
+"""
+
+POINTWISE = r"""
+/* 1x1, stride 1, unpadded, few input channels: Y[m][p] = b[m] + sum_c w[m][c] (x[c][p] - zx)
+   over 16 pixels x 6 output channels held in registers (weights [M/6][C][6]), exactly in
+   float (portable) or int32, then requantised a channel row at a time. With GP_SIMD on AVX2: channel pairs of the input go
+   to xs as int16 [C/2][P16][2] and each pair of products is one vpmaddwd (same integers). */
+GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32_t *b, @YT@ *y,
+                         int16_t *xs, const uint32_t *ra, int C, int M, long P, int zx,
+                         const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  const int nmb = (M + 5) / 6;
+  int mb, r, c;
+  long p0, j;
+#if defined(GP_SIMD) && defined(__AVX2__)
+  const int C2 = (C + 1) / 2;
+  const long P16 = (P + 15) / 16 * 16;
+  int32_t wl[@KPW2@ * 6], out[16];
+  for (c = 0; c < C2; ++c)
+    for (j = 0; j < P16; ++j) {
+      xs[((long)c * P16 + j) * 2] = (int16_t)(j < P ? (int32_t)x[2L * c * P + j] - zx : 0);
+      xs[((long)c * P16 + j) * 2 + 1] =
+          (int16_t)(j < P && 2 * c + 1 < C ? (int32_t)x[(2L * c + 1) * P + j] - zx : 0);
+    }
+  for (mb = 0; mb < nmb; ++mb) {
+    const @WT@ *wb = wp + (long)mb * C * 6;
+    const int m0 = mb * 6, mc = gp_imin(6, M - m0);
+    for (c = 0; c < C2; ++c)
+      for (r = 0; r < 6; ++r) {
+        const uint32_t lo = (uint16_t)wb[2 * c * 6 + r];
+        const uint32_t hi = 2 * c + 1 < C ? (uint16_t)wb[(2 * c + 1) * 6 + r] : 0u;
+        wl[c * 6 + r] = (int32_t)(lo | hi << 16);
+      }
+    for (p0 = 0; p0 < P; p0 += 16) {
+      const long np = P - p0 < 16 ? P - p0 : 16;
+      __m256i acc[6][2];
+      for (r = 0; r < 6; ++r)
+        acc[r][0] = acc[r][1] = _mm256_set1_epi32((b && r < mc) ? b[m0 + r] : 0);
+      for (c = 0; c < C2; ++c) {
+        const int16_t *xp = xs + ((long)c * P16 + p0) * 2;
+        const __m256i xa = _mm256_loadu_si256((const __m256i *)(const void *)xp);
+        const __m256i xb = _mm256_loadu_si256((const __m256i *)(const void *)(xp + 16));
+        for (r = 0; r < 6; ++r) {
+          const __m256i wv = _mm256_set1_epi32(wl[c * 6 + r]);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xa, wv));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, wv));
+        }
+      }
+      for (r = 0; r < mc; ++r) {
+        _mm256_storeu_si256((__m256i *)(void *)out, acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(void *)(out + 8), acc[r][1]);
+        gp_requant_row_@YTAG@(out, y + (long)(m0 + r) * P + p0, np, qm[m0 + r], qs[m0 + r],
+                              ra[m0 + r], zy, qmin, qmax);
+      }
+    }
+  }
+#else
+  /* portable: every partial sum is an integer below 2^24 in magnitude (C <= @KPW@ products
+     of at most 255 * 128), so float arithmetic computes it exactly, at the speed of the float
+     kernel; the input goes to scratch as float x - zx */
+  float *xf = (float *)(void *)xs, wl[@KPW@ * 6];
+  int32_t out[16];
+  for (j = 0; j < (long)C * P; ++j) xf[j] = (float)((int32_t)x[j] - zx);
+  for (mb = 0; mb < nmb; ++mb) {
+    const @WT@ *wb = wp + (long)mb * C * 6;
+    const int m0 = mb * 6, mc = gp_imin(6, M - m0);
+    for (j = 0; j < (long)C * 6; ++j) wl[j] = (float)wb[j];
+    for (p0 = 0; p0 < P; p0 += 16) {
+      const long np = P - p0 < 16 ? P - p0 : 16;
+      float acc[6][16];
+      for (r = 0; r < 6; ++r)
+        for (j = 0; j < 16; ++j) acc[r][j] = 0.f;
+      if (np == 16) {
+        for (c = 0; c < C; ++c) {
+          const float *xr = xf + (long)c * P + p0;
+          for (r = 0; r < 6; ++r) {
+            const float wv = wl[c * 6 + r];
+            GP_NOUNROLL for (j = 0; j < 16; ++j) acc[r][j] += wv * xr[j];
+          }
+        }
+      } else {
+        for (c = 0; c < C; ++c) {
+          const float *xr = xf + (long)c * P + p0;
+          for (r = 0; r < 6; ++r) {
+            const float wv = wl[c * 6 + r];
+            for (j = 0; j < np; ++j) acc[r][j] += wv * xr[j];
+          }
+        }
+      }
+      for (r = 0; r < mc; ++r) {
+        const int32_t bv = b ? b[m0 + r] : 0;
+        for (j = 0; j < 16; ++j) out[j] = bv + (int32_t)acc[r][j];
+        gp_requant_row_@YTAG@(out, y + (long)(m0 + r) * P + p0, np, qm[m0 + r], qs[m0 + r],
+                              ra[m0 + r], zy, qmin, qmax);
+      }
+    }
+  }
+#endif
+}
+"""
+
+_TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}
+KPW = 64  # a pointwise conv over at most this many input channels runs gp_q8pw
+PMIN = 32  # ... and at least this many pixels
+
+
+def kp(geo: ConvGeometry) -> int:
+    """Values per row: ``KH * KW * C/G`` rounded up to a multiple of 16."""
+    k = geo.KH * geo.KW * (geo.C // geo.G)
+    return -(-k // 16) * 16
+
+
+def _direct(geo: ConvGeometry) -> bool:
+    return geo.KH == geo.KW == 1 and geo.sh == geo.sw == 1 and geo.ph == geo.pw == 0
+
+
+def _tile(geo: ConvGeometry) -> int:
+    """Pixels per im2col tile: all of them if they fit ``TILE_BYTES``, else a multiple of PB
+    (at least 8 blocks, so that a layer with few pixels reads its weights once)."""
+    p = geo.OH * geo.OW
+    fit = max(8 * PB, TILE_BYTES // (2 * kp(geo)) // PB * PB)
+    return min(-(-p // PB) * PB, fit)
+
+
+def applicable(geo: ConvGeometry, w: np.ndarray, bias: np.ndarray | None) -> bool:
+    """Not depthwise, and no partial sum leaves int32: ``|b| + sum |w| * 255`` (inputs
+    ``x - zx`` span at most 255 either way)."""
+    if geo.depthwise or (pointwise(geo) and not f32_exact(w)):
+        return False
+    wabs = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1) * 255
+    b = np.zeros(w.shape[0], np.int64) if bias is None else np.abs(bias.astype(np.int64))
+    return bool((b + wabs).max(initial=0) < 2**31)
+
+
+def scratch_bytes(geo: ConvGeometry) -> int:
+    """The int32 output tile, the channels-last padded input of one group and (unless the
+    rows come straight from it) one tile of rows (int16); for the pointwise kernel, the input
+    in channel pairs (used with GP_SIMD only)."""
+    if pointwise(geo):  # int16 channel pairs (GP_SIMD) or float (portable)
+        pairs = (geo.C + 1) // 2 * 2 * -(-(geo.H * geo.W) // 16) * 16 * 2
+        return max(pairs, geo.C * geo.H * geo.W * 4)
+    tile = -(-(geo.M // geo.G) // MB) * MB * _tile(geo) * 4
+    if _direct(geo):
+        return tile + geo.H * geo.W * kp(geo) * 2
+    hp = (geo.OH - 1) * geo.sh + (geo.KH - 1) * geo.dh + 1
+    wp = (geo.OW - 1) * geo.sw + (geo.KW - 1) * geo.dw + 1
+    return tile + (hp * wp * (geo.C // geo.G) + _tile(geo) * kp(geo)) * 2
+
+
+def pack(w: np.ndarray, groups: int) -> np.ndarray:
+    """``[M][cg][KH][KW]`` -> ``[G][MG4][KP]``: each output channel's weights in
+    ``(kh, kw, c)`` order, zero-padded to ``KP`` values and to a multiple of 4 channels."""
+    m, cg = w.shape[0], w.shape[1]
+    taps = int(np.prod(w.shape[2:], dtype=np.int64))
+    mg = m // groups
+    k = taps * cg
+    kp_ = -(-k // 16) * 16
+    mg4 = -(-mg // MB) * MB
+    wt = w.reshape(groups, mg, cg, taps).transpose(0, 1, 3, 2).reshape(groups, mg, k)
+    out = np.zeros((groups, mg4, kp_), w.dtype)
+    out[:, :mg, :k] = wt
+    return out
+
+
+def source(xt: str, wt: str, yt: str, pointwise: bool = False) -> tuple[str, str]:
+    """(function name, C source) for the given C types: the im2col + dot product driver and
+    its two helpers, or (``pointwise``) the pixel-vectorised 1x1 kernel."""
+    tag = "".join(_TAG[t] for t in (xt, wt, yt))
+    src = (POINTWISE if pointwise else KERNELS).replace("@TAG@", tag)
+    src = src.replace("@YTAG@", _TAG[yt]).replace("@KPW2@", str((KPW + 1) // 2))
+    src = src.replace("@KPW@", str(KPW))
+    src = src.replace("@XT@", xt).replace("@WT@", wt).replace("@YT@", yt)
+    return f"gp_q8{'pw' if pointwise else 'conv'}_{tag}", src
+
+
+def pointwise(geo: ConvGeometry) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv over at most ``KPW`` input channels and at
+    least 32 pixels: too short a dot product for the GEMM, so vectorised over pixels."""
+    return _direct(geo) and geo.G == 1 and geo.C <= KPW and geo.H * geo.W >= PMIN
+
+
+def emit(cg, geo: ConvGeometry, e: dict, bias: str, q: str) -> str:
+    """The call of the kernel on ``x``/``y`` (declared by the caller) for each image."""
+    pw = pointwise(geo)
+    fn, src = source(e["xt"], e["wt"], e["yt"], pw)
+    cg.helper("simd", SIMD)
+    cg.helper(*requant_row(e["yt"]))
+    cg.helper(fn, src)
+    if pw:
+        w = e["w"].reshape(geo.M, geo.C)
+        wp = np.zeros((-(-geo.M // 6) * 6, geo.C), w.dtype)
+        wp[: geo.M] = w
+        wsym = cg.weight(wp.reshape(-1, 6, geo.C).transpose(0, 2, 1).reshape(-1), "q8pw_w_packed_6")
+        ra = cg.weight(saturation_caps(e["qm"], e["qs"]), "requant_caps")
+        args = f"{cg.scratch('int16_t')}, {ra}, {geo.C}, {geo.M}, {geo.H * geo.W}"
+    else:
+        wsym = cg.weight(pack(e["w"], geo.G).reshape(-1), f"q8conv_w_packed_{kp(geo)}")
+        ra = cg.weight(saturation_caps(e["qm"], e["qs"]), "requant_caps")
+        args = f"{cg.scratch('int32_t')}, {ra}, {geo.args()}, {kp(geo)}, {_tile(geo)}"
+    return (
+        f"  int n;\n  for (n = 0; n < {geo.N}; ++n)\n"
+        f"    {fn}(x + (long)n * {geo.x_size}, {wsym}, {bias}, y + (long)n * {geo.y_size}, "
+        f"{args}, {q});"
+    )

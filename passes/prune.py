@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -148,9 +149,15 @@ def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[s
 
 # -- importance -------------------------------------------------------------------------------------
 def _slice_scores(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    """``Σ|x|^p`` over each slice of ``t`` along ``dim``."""
-    x = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
-    s = x.abs().sum(1) if p == 1 else x.square().sum(1)
+    """``Σ|x|^p`` over each slice of ``t`` along ``dim`` (one fused reduction: no copy or
+    temporary of ``t``)."""
+    x = t.detach()
+    others = [d for d in range(x.dim()) if d != dim]
+    if not others:
+        s = x.abs() if p == 1 else x.square()
+    else:
+        s = torch.linalg.vector_norm(x.float(), ord=p, dim=others)
+        s = s if p == 1 else s.square()
     return s.double().numpy()
 
 
@@ -171,6 +178,9 @@ def unit_scores(
                 continue
         elif m.kind not in ("out", "in"):
             continue
+        units = ca.units_of(m)
+        if not ca.unit_prunable[units].any():
+            continue  # no unit of this member can go: its score is never read
         t = member_tensor(gm, m)
         if importance == "l1":
             s = _slice_scores(t, m.dim, 1)
@@ -183,7 +193,6 @@ def unit_scores(
             s = _slice_scores(t.detach() * g, m.dim, 1)
         else:  # pragma: no cover - validated by options
             raise ValueError(importance)
-        units = ca.units_of(m)
         per = np.bincount(units, weights=s, minlength=n)
         touched = np.bincount(units, minlength=n) > 0
         total += per
@@ -295,9 +304,15 @@ def select_units(
     return chosen
 
 
-def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float) -> dict[str, Any]:
-    """One round: analyse, score, select, slice. Returns a report fragment with the plan."""
+def prune_once(
+    graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float, *, propagate: bool = True
+) -> dict[str, Any]:
+    """One round: analyse, score, select, slice. Returns a report fragment with the plan.
+    ``propagate=False`` skips the shape propagation after the surgery (the last round: the
+    pass manager propagates after every pass)."""
+    t0 = time.perf_counter()
     ca = ChannelAnalysis(graph)
+    t1 = time.perf_counter()
     groups, skipped = [], []
     for g in ca.groups:
         if opts.units != "all" and g.heads != (opts.units == "heads"):
@@ -324,7 +339,9 @@ def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float)
                 )
     chosen = select_units(ca, groups, scores, opts, ratio)
     removed_units = np.concatenate(list(chosen.values())) if chosen else np.zeros(0, dtype=np.int64)
-    members = remove_units(graph, ca, removed_units)
+    t2 = time.perf_counter()
+    members = remove_units(graph, ca, removed_units, propagate=propagate)
+    t3 = time.perf_counter()
     group_rows = []
     for g in ca.groups:
         k = len(chosen.get(g.id, []))
@@ -347,6 +364,7 @@ def prune_once(graph: Graph, ctx: PassContext, opts: PruneOptions, ratio: float)
         "plan": members,
         "units_removed": int(len(removed_units)),
         "units_prunable": int(sum(g.size for g in ca.groups)),
+        "seconds": {"analysis": t1 - t0, "scoring": t2 - t1, "surgery": t3 - t2},
     }
 
 
@@ -433,7 +451,8 @@ class Prune(Pass):
         for step in range(1, opts.steps + 1):
             # cumulative keep fraction kept**(step/steps); this round keeps the quotient
             r = 1.0 - kept ** (1.0 / opts.steps) if opts.steps > 1 else ratio
-            rep = prune_once(graph, ctx, opts, r)
+            last = step == opts.steps
+            rep = prune_once(graph, ctx, opts, r, propagate=not last)
             rounds.append(rep)
             plan.append(rep["plan"])
             if opts.between is not None and step < opts.steps:
@@ -449,6 +468,9 @@ class Prune(Pass):
             "locked": rounds[0]["locked"],
             "units_removed": sum(r["units_removed"] for r in rounds),
             "units_prunable": rounds[0]["units_prunable"],
+            "seconds": {
+                k: sum(r["seconds"][k] for r in rounds) for k in ("analysis", "scoring", "surgery")
+            },
             "heads": rounds[-1]["heads"] if opts.steps == 1 else [r["heads"] for r in rounds],
             "summary": (
                 f"removed {sum(r['units_removed'] for r in rounds)} of {rounds[0]['units_prunable']} "

@@ -24,6 +24,8 @@ from graphopt.channels import ChannelAnalysis
 from graphopt.channels.surgery import apply_plan, member_tensor, remove_units
 from graphopt.errors import GraphoptError
 
+from .channel_helpers import zero_unit_inputs
+
 transformers = pytest.importorskip("transformers")
 
 E, H, D, LAYERS = 64, 4, 16, 2
@@ -381,3 +383,120 @@ def test_the_plan_replays_on_a_fresh_hugging_face_model():
         want = _run(r.graph, tuple(inputs.values()))
         got = _outputs(fresh(**inputs))
     assert _rel_error(got, want) < 1e-6
+
+
+# -- GPT-2: Hugging Face's Conv1D (W: [in, out], y = x @ W + b, an addmm between two views) ----------
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=100, n_embd=E, n_layer=LAYERS, n_head=H, n_positions=64, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    return model, {"input_ids": _ids()}
+
+
+def _gpt2_graph() -> tuple[graphopt.Graph, tuple]:
+    model, inputs = _gpt2()
+    return graphopt.trace(model, inputs), tuple(inputs.values())
+
+
+def _gpt2_shapes(g: graphopt.Graph, i: int) -> list[tuple[int, ...]]:
+    return [
+        tuple(g.module.get_submodule(f"h.{i}.{p}").weight.shape)
+        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+
+
+def test_gpt2_conv1d_heads_and_ffn_are_units():
+    g, _ = _gpt2_graph()
+    ca = ChannelAnalysis(g)
+    assert [(grp.size, grp.heads) for grp in ca.groups] == [(H, True), (4 * E, False)] * LAYERS
+    assert [grp.producers for grp in ca.groups if grp.heads] == [
+        [f"h.{i}.attn.c_attn"] for i in range(LAYERS)
+    ]
+
+
+def test_gpt2_removing_silenced_heads_and_ffn_is_exact(tmp_path):
+    g, x = _gpt2_graph()
+    ca = ChannelAnalysis(g)
+    units = np.concatenate(
+        [grp.units[[0, 2]] if grp.heads else grp.units[::2] for grp in ca.groups]
+    )
+    zero_unit_inputs(g, ca, units)  # the c_proj rows reading them
+    ref = _run(g, x)
+    remove_units(g, ca, units)
+    assert _rel_error(_run(g, x), ref) < 1e-5
+    kept = (H - 2) * D
+    for i in range(LAYERS):  # Conv1D weights are [in, out]
+        assert _gpt2_shapes(g, i) == [(E, 3 * kept), (kept, E), (E, 2 * E), (2 * E, E)]
+    bigger = tuple(torch.cat([t] * 3) for t in x)
+    assert _run(g, bigger)[0].shape == (3, 16, E)
+    parity = check_parity(g, export(g, tmp_path / "gpt2.onnx"))
+    assert parity["ok"], parity
+
+
+def test_gpt2_the_pass_removes_the_weakest_heads_and_channels():
+    g, x = _gpt2_graph()
+    ca = ChannelAnalysis(g)
+    units = np.concatenate(
+        [grp.units[[1, 3]] if grp.heads else grp.units[1::2] for grp in ca.groups]
+    )
+    for m in ca.members:  # silence them everywhere so they rank lowest
+        idx = np.nonzero(np.isin(ca.units_of(m), units))[0]
+        if m.kind in ("in", "out") and len(idx):
+            with torch.no_grad():
+                member_tensor(g.module, m).index_fill_(m.dim, torch.as_tensor(idx), 0.0)
+    ref = _run(g, x)
+    r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
+    rep = r.reports[0].details
+    assert [(h["heads"], h["removed"]) for h in rep["heads"]] == [(H, 2)] * LAYERS
+    assert _rel_error(_run(r.graph, x), ref) < 1e-5
+    members = rep["plan"]["rounds"][0]["members"]
+    plan = {(e["owner"], e["param"], e["dim"]): e["removed"] for e in members}
+    assert plan[("h.0.attn.c_proj", "weight", 0)] == [*range(D, 2 * D), *range(3 * D, 4 * D)]
+    assert plan[("h.0.mlp.c_fc", "weight", 1)] == list(range(1, 4 * E, 2))
+
+
+def test_gpt2_ffn_plan_replays_on_a_fresh_model():
+    """The FFN plan replays on a fresh GPT2Model: its Conv1D's ``nf`` follows the weight."""
+    model, inputs = _gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    r = graphopt.Pipeline.parse("prune(ratio=0.5,units=channels)").run(
+        graphopt.trace(model, inputs)
+    )
+    fresh, _ = _gpt2()
+    fresh.load_state_dict(state)
+    apply_plan(fresh, r.reports[0].details["plan"])
+    assert fresh.h[0].mlp.c_fc.nf == 2 * E and fresh.h[0].mlp.c_proj.nx == 2 * E
+    with torch.no_grad():
+        got = _outputs(fresh(**inputs))
+    assert _rel_error(got, _run(r.graph, tuple(inputs.values()))) < 1e-6
+
+
+class Conv1DMLP(nn.Module):
+    """Hand-written code using Hugging Face's ``Conv1D`` (fx traces into its forward:
+    ``addmm`` between ``view(-1, in)`` and ``view(x.size()[:-1] + (nf,))``)."""
+
+    def __init__(self):
+        super().__init__()
+        conv1d = transformers.pytorch_utils.Conv1D
+        self.up, self.down = conv1d(4 * E, E), conv1d(E, 4 * E)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_conv1d_prunes_through_either_front_end(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, E)
+    g = graphopt.trace(Conv1DMLP().eval(), x, frontend=frontend)
+    ca = ChannelAnalysis(g)
+    (grp,) = ca.groups
+    assert grp.producers == ["up"] and grp.size == 4 * E
+    zero_unit_inputs(g, ca, grp.units[::2])
+    ref = _run(g, (x,))
+    remove_units(g, ca, grp.units[::2])
+    assert _rel_error(_run(g, (x,)), ref) < 1e-5
+    assert tuple(g.module.up.weight.shape) == (E, 2 * E)
+    assert _run(g, (torch.randn(3, 8, E),))[0].shape == (3, 8, E)  # the rewritten nf holds

@@ -15,11 +15,18 @@ spreads to the whole unit, so only units every op agrees on can be removed. A un
 *prunable* when it is unlocked and holds a producer (an output channel of a conv / linear /
 embedding), so removing it saves work.
 
+Shared modules: a module called at several places (the same conv applied twice, a block
+reused across depth, a recurrent cell, a siamese encoder) states its parameters at each call
+site; the later call sites are coupled index by index to the first
+(:meth:`~.coupling.Coupling.member`), so the module is one unit with the producers and
+consumers of every call site, scored once per parameter and sliced once.
+
 Reshapes: a reshape that splits or merges dims factors both sides into their common row-major
 refinement and prunes along one factor, the *carrier* (every other dim stays whole, so every
 later reshape stays valid): ``[N, C] -> [N, g, C/g]`` removes the same position from every
-group, ``flatten`` of ``[C, H, W]`` removes whole channels, and ``[B, T, H·D] -> [B, T, H, D]``
-feeding attention removes whole heads (:mod:`.rules_attention` couples q, k, v and the output
+group, ``flatten`` of ``[C, H, W]`` removes whole channels, ``fc(z).view(B, C, H, W)``
+feeding a conv removes the linear's ``H·W`` features of channel ``c`` with the conv's input
+channel ``c``, and ``[B, T, H·D] -> [B, T, H, D]`` feeding attention removes whole heads (:mod:`.rules_attention` couples q, k, v and the output
 projection per head through the products). Size arguments computed in the graph are kept
 valid: read at run time, rescaled (``B * H``) or written as constants (see
 :meth:`ChannelAnalysis._size_pairs`).
@@ -40,11 +47,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.fx as fx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from graphopt.graph import Graph, node_meta
 
+from .components import connected_components
 from .coupling import fn_name
 from .records import Group, Member, Rewrite, Space
 from .rules_attention import AttentionRules
@@ -133,13 +139,13 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
     def _solve(self) -> None:
         """Units are the connected components of the element coupling graph.
 
-        The components come from ``scipy.sparse.csgraph`` rather than networkx: on the
-        element graph of torchvision resnet50 (105,931 elements, 90,853 coupling edges) and
-        densenet121 (150,505 / 151,260) at 1x3x224x224, scipy finds them in 3-4 ms and networkx
-        (building the ``nx.Graph`` and ``connected_components``) in 0.54-0.72 s, which makes
-        ``ChannelAnalysis`` 3.2x / 2.7x slower (0.24 -> 0.77 s, 0.41 -> 1.12 s) and
-        trace + analysis 1.8x slower (0.64 -> 1.16 s, 0.92 -> 1.63 s); the pruning target
-        search re-runs the analysis a dozen times. Labels are numbered in the order of each
+        The components come from vectorised min-label propagation in numpy
+        (:mod:`.components`), not networkx or scipy: on the element graph of torchvision
+        resnet50 (105,931 elements, 90,853 coupling edges) and densenet121 (150,505 / 151,260)
+        at 1x3x224x224, networkx (building the ``nx.Graph`` and ``connected_components``) took
+        0.54-0.72 s, which made ``ChannelAnalysis`` 3.2x / 2.7x slower and trace + analysis
+        1.8x slower; scipy's ``csgraph`` takes 3-4 ms but importing ``scipy.sparse`` costs about
+        0.3 s cold, as much as the analysis itself. Labels are numbered in the order of each
         component's smallest element.
         """
         n = self._n
@@ -148,8 +154,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             b = np.concatenate([e[1] for e in self._edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        mat = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        self.n_units, self.labels = connected_components(mat, directed=False)
+        self.n_units, self.labels = connected_components(n, a, b)
         self._size_pairs()
         locked = np.zeros(self.n_units, dtype=bool)
         self.unit_lock_reason: dict[int, str] = {}
@@ -206,13 +211,16 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             return
         mask = self.unit_prunable[self.labels]
         elems = np.nonzero(mask)[0]
-        pairs = np.unique(np.stack([self.labels[elems], self.element_space[elems]], 1), axis=0)
-        by_unit: dict[int, list[int]] = defaultdict(list)
-        for u, s in pairs:
-            by_unit[int(u)].append(int(s))
+        # the distinct (unit, space) pairs as one sorted integer key (np.unique with axis=0
+        # is several times slower); a unit's signature is the sorted tuple of its spaces
+        n_spaces = max(len(self.spaces), 1)
+        keys = np.unique(self.labels[elems] * n_spaces + self.element_space[elems])
+        pair_units, pair_spaces = keys // n_spaces, keys % n_spaces
+        starts = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
+        spaces, bounds = pair_spaces.tolist(), [*starts.tolist(), len(keys)]
         by_sig: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for u, ss in by_unit.items():
-            by_sig[tuple(ss)].append(u)
+        for u, a, b in zip(pair_units[starts].tolist(), bounds[:-1], bounds[1:]):
+            by_sig[tuple(spaces[a:b])].append(u)
         member_by_space: dict[int, list[int]] = defaultdict(list)
         for i, m in enumerate(self.members):
             member_by_space[m.space].append(i)

@@ -41,6 +41,7 @@ class Coupling:
         self.spaces: list[Space] = []
         self.layout: dict[tuple[str, int], list[Space]] = {}
         self.members: list[Member] = []
+        self._member_at: dict[tuple[str, str, int, str], int] = {}  # first slot of a parameter
         self.rewrites: list[Rewrite] = []
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
         self._locks: list[tuple[np.ndarray, str]] = []
@@ -143,9 +144,30 @@ class Coupling:
     def member(
         self, owner: str, param: str, dim: int, space: Space, index_map: np.ndarray, kind: str
     ) -> None:
-        self.members.append(
-            Member(owner, param, dim, space.id, np.asarray(index_map, dtype=np.int64), kind)
-        )
+        """State that ``owner.param`` along ``dim`` shrinks with ``space`` (see :class:`Member`).
+
+        A module called at several places (a shared block, a weight-tied or recurrent layer)
+        states its parameters once per call site: the first call site's slot becomes the
+        member and every later one is *coupled* to it, index by index (parameter index ``k``
+        is one physical slice, so the elements it maps to at every call site go together).
+        The shared module is thereby one unit with the producers and consumers of every call
+        site, scored once per parameter (Taylor gradients sum over the call sites by
+        themselves) and sliced once.
+        """
+        index_map = np.asarray(index_map, dtype=np.int64)
+        key = (owner, param, dim, kind)
+        first = self._member_at.get(key)
+        if first is not None:
+            m = self.members[first]
+            if m.space != space.id or not np.array_equal(m.index_map, index_map):
+                if len(m.index_map) != len(index_map):
+                    self.lock(self.spaces[m.space], f"{owner}.{param}: call sites disagree")
+                    self.lock(space, f"{owner}.{param}: call sites disagree")
+                    return
+                self.couple(self.spaces[m.space].base + m.index_map, space.base + index_map)
+            return
+        self._member_at[key] = len(self.members)
+        self.members.append(Member(owner, param, dim, space.id, index_map, kind))
         if kind == "out":
             self.bearing.add(space.id)
 
@@ -159,6 +181,10 @@ class Coupling:
 
     def _reaches_heads(self, node: fx.Node, dim: int) -> bool:
         """Whether a dim becomes an attention head axis (the attention rules know)."""
+        return False
+
+    def _reaches_channels(self, node: fx.Node, dim: int) -> bool:
+        """Whether a dim becomes the channel axis a layer reads (the attention rules know)."""
         return False
 
     # -- generic couplings -----------------------------------------------------------------------

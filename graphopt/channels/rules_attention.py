@@ -1,6 +1,6 @@
 """Channel rules for attention: ``F.scaled_dot_product_attention``, batched matmuls (``q @ kᵀ``,
 ``attn @ v``) and ``repeat_interleave`` (grouped-query attention), plus the look-ahead that tells
-a reshape which of its dims becomes a head axis.
+a reshape which of its dims becomes a head axis (or the channel axis of a layer).
 
 A head is a unit like any channel: the rows ``h·D ... h·D + D - 1`` of the q, k and v
 projections and the same columns of the output projection. The reshape that splits the
@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.graph import Graph
+from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM
 
 from .coupling import Coupling
 from .rules_shapes import _reshape_groups
@@ -48,8 +50,17 @@ MATMUL = {torch.matmul, operator.matmul, torch.bmm, aten.matmul.default, aten.bm
 REPEAT_INTERLEAVE = {torch.repeat_interleave, aten.repeat_interleave.self_int}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 _PERMUTES = {torch.transpose, torch.swapaxes, torch.permute, "transpose", "swapaxes", "permute"}
-_RESHAPES = {"view", "reshape", torch.reshape, aten.unflatten.int, torch.flatten, "flatten"}
+_RESHAPES = {
+    "view",
+    "reshape",
+    torch.reshape,
+    aten.unflatten.int,
+    "unflatten",
+    torch.flatten,
+    "flatten",
+}
 _HEAD = -1  # look-ahead verdict: the followed dim is an attention head axis
+_CHANNEL_MODULES = CONV + CONV_T + BATCHNORM + INSTANCENORM + (nn.GroupNorm,)
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -62,6 +73,7 @@ class AttentionRules(Coupling):
     def __init__(self, graph: Graph):
         super().__init__(graph)
         self._heads_memo: dict[tuple[str, int], bool] = {}
+        self._channels_memo: dict[tuple[str, int], bool] = {}
 
     def _sdpa(self, node: fx.Node) -> bool:
         q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
@@ -171,6 +183,37 @@ class AttentionRules(Coupling):
                 for user in node.users
                 for d in self._follow(user, node, dim)
             )
+            memo[key] = found
+        return memo[key]
+
+    def _reaches_channels(self, node: fx.Node, dim: int, depth: int = 0) -> bool:
+        """Whether output dim ``dim`` of ``node`` becomes the channel axis a layer reads (dim 1
+        of a conv, conv-transpose or batch / instance / group norm module, the last dim of a
+        linear), followed like :meth:`_reaches_heads` and through elementwise modules."""
+        memo = self._channels_memo
+        key = (node.name, dim)
+        if key not in memo:
+            memo[key] = False  # a cycle guard while it is computed
+            found = False
+            for user in node.users if depth < 16 else ():
+                if user.op == "call_module":
+                    mod = self.gm.get_submodule(str(user.target))
+                    if not user.args or user.args[0] is not node:
+                        continue
+                    r = len(self._shape(node) or ())
+                    if isinstance(mod, _CHANNEL_MODULES) and dim == 1:
+                        found = True
+                    elif isinstance(mod, nn.Linear) and dim == r - 1:
+                        found = True
+                    elif isinstance(mod, self._unary_modules):
+                        found = self._reaches_channels(user, dim, depth + 1)
+                else:
+                    found = any(
+                        d != _HEAD and self._reaches_channels(user, d, depth + 1)
+                        for d in self._follow(user, node, dim)
+                    )
+                if found:
+                    break
             memo[key] = found
         return memo[key]
 

@@ -1,7 +1,8 @@
 """Channel rules for ``call_function`` and ``call_method`` nodes: elementwise unary and binary
-ops (broadcasting), pools, softmax, functional layer norm and linear, and the dispatch of the
-shape ops (flatten, reshape/view/unflatten, transpose/permute, cat, split/chunk, getitem,
-select, reductions, squeeze/unsqueeze, expand) and the attention ops (scaled dot-product
+ops (broadcasting), pools, softmax, functional layer norm and linear, ``addmm`` on parameters
+(Hugging Face's ``Conv1D``), and the dispatch of the shape ops (flatten,
+reshape/view/unflatten, transpose/permute, cat, split/chunk, getitem, select, reductions,
+squeeze/unsqueeze, expand) and the attention ops (scaled dot-product
 attention, matmul, repeat_interleave) to the shape and attention rules."""
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ _BINARY_FUNCS = {
 }
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
 _POOL_FUNCS = POOL_FUNCS
+_CONV_FUNCS = {  # op -> transposed; both take (x, weight, bias, ..., groups at position 6)
+    aten.conv1d.default: False,
+    aten.conv2d.default: False,
+    aten.conv3d.default: False,
+    aten.conv_transpose1d.default: True,
+    aten.conv_transpose2d.input: True,
+    aten.conv_transpose3d.input: True,
+}
 
 
 def _stochastic_depth_funcs() -> set:
@@ -158,6 +167,10 @@ class CallRules(Coupling):
             return self._repeat_interleave(node)
         if t in (F.linear, aten.linear.default):
             return self._functional_linear(node)
+        if t in (torch.addmm, aten.addmm.default):
+            return self._addmm(node)
+        if t in _CONV_FUNCS:
+            return self._functional_conv(node, transpose=_CONV_FUNCS[t])
         if t in (torch.unsqueeze, aten.unsqueeze.default):
             return self._unsqueeze(node, args[0], args[1])
         if t in (torch.squeeze, aten.squeeze.dim, aten.squeeze.dims):
@@ -179,7 +192,7 @@ class CallRules(Coupling):
             return self._reshape(node, args[0], args[1])
         if t is operator.getitem:
             return self._getitem(node)
-        if t in (torch.chunk, torch.split):
+        if t in (torch.chunk, torch.split, aten.split.Tensor, aten.split_with_sizes.default):
             return self._split(node, node.args[0], *self._split_args(node))
         if t is F.layer_norm:
             return self._functional_layer_norm(node)
@@ -239,6 +252,11 @@ class CallRules(Coupling):
             return True
         if name == "unsqueeze":
             return self._unsqueeze(node, args[0], args[1])
+        if name == "unflatten":
+            sizes = args[2] if len(args) > 2 else node.kwargs.get("sizes")
+            if node.kwargs or not all(isinstance(v, int) for v in sizes or (None,)):
+                return False  # sizes computed in the graph: not understood
+            return self._reshape(node, args[0], None, kind="unflatten")
         return False  # everything else: not understood
 
     def _unsqueeze(self, node: fx.Node, x: fx.Node, d: int) -> bool:
@@ -295,6 +313,67 @@ class CallRules(Coupling):
             self.couple_spaces(self.spaces_of(b)[0], out_s)
             owner, _, param = str(b.target).rpartition(".")
             self.member(owner, param, 0, out_s, np.arange(out_s.size), "out")
+        return True
+
+    def _addmm(self, node: fx.Node) -> bool:
+        """``addmm(b, x, W) = b + x @ W`` with ``W: [in, out]`` and ``b: [out]`` read by
+        ``get_attr``: Hugging Face's ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) as
+        fx or ``torch.export`` leave it, between ``view(-1, in)`` and ``view(..., out)``. Like
+        ``nn.Linear`` with the weight's dims swapped: its rows are the columns read
+        (``"in"``), its columns and the bias the channels produced (``"out"``)."""
+        b, x, w = (*node.args, None, None, None)[:3]
+        if any(k not in ("beta", "alpha") for k in node.kwargs):
+            return False
+        if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in (b, w)):
+            return False
+        shapes = [self._shape(t) for t in (x, w, b, node)]
+        if any(sh is None for sh in shapes) or [len(sh) for sh in shapes] != [2, 2, 1, 2]:
+            return False
+        (x_n, x_in), (w_in, w_out), (b_out,), (o_n, o_out) = (
+            self.spaces_of(t) for t in (x, w, b, node)
+        )
+        if not self.couple_spaces(x_n, o_n):
+            self.lock(x_n, f"{node.name}: addmm rows")
+            self.lock(o_n, f"{node.name}: addmm rows")
+        if not (
+            self.couple_spaces(w_in, x_in)
+            and self.couple_spaces(w_out, o_out)
+            and self.couple_spaces(b_out, o_out)
+        ):
+            return False
+        for p, sp, dim, kind in ((w, x_in, 0, "in"), (w, o_out, 1, "out"), (b, o_out, 0, "out")):
+            owner, _, param = str(p.target).rpartition(".")
+            self.member(owner, param, dim, sp, np.arange(sp.size), kind)
+        return True
+
+    def _functional_conv(self, node: fx.Node, transpose: bool) -> bool:
+        """A convolution the export front end left as an ATen call (a conv-transpose, or a conv
+        whose configuration differs from its module's) on ``get_attr`` parameters of one module
+        (``PATH.weight``, ``PATH.bias``): the module rule with ``PATH`` as the owner. Only
+        ``groups=1`` (the call's ``groups`` argument is not rewritten)."""
+        x, w = node.args[:2]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        if not (isinstance(w, fx.Node) and w.op == "get_attr") or groups != 1:
+            return False
+        owner, _, param = str(w.target).rpartition(".")
+        if param != "weight" or not (
+            b is None
+            or (isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{owner}.bias")
+        ):
+            return False
+        self._conv(node, x, owner, self._shape(w), 1, b is not None, transpose)
+        in_s, out_s = self.space_at(x, 1), self.space_at(node, 1)
+        w_spaces = self.spaces_of(w)
+        pairs = [
+            (w_spaces[0], in_s if transpose else out_s),
+            (w_spaces[1], out_s if transpose else in_s),
+        ]
+        if b is not None:
+            pairs.append((self.spaces_of(b)[0], out_s))
+        for ps, s in pairs:  # the parameter read's own spaces follow the channels
+            if s is not None and not self.couple_spaces(ps, s):
+                self.lock(s, f"{node.name}: {owner} parameter layout")
         return True
 
     def _functional_layer_norm(self, node: fx.Node) -> bool:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from graphopt.graph import Graph, node_meta
 from graphopt.modules import SelfAttention
-from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM, POOL, call_sites
+from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM, POOL
 
 from .coupling import Coupling
 from .records import Rewrite
@@ -57,7 +57,6 @@ class ModuleRules(Coupling):
 
     def __init__(self, graph: Graph):
         super().__init__(graph)
-        self._calls = call_sites(self.gm)
         self._unary_modules = _unary_module_types()
 
     def _visit_module(self, node: fx.Node, mod: nn.Module) -> bool:
@@ -65,9 +64,8 @@ class ModuleRules(Coupling):
         if node_meta(node).leaf:
             self._lock_all(node, f"leaf module {path!r}")
             return True
-        if self._calls[path] > 1 and any(True for _ in mod.parameters(recurse=False)):
-            self._lock_all(node, f"module {path!r} is called at {self._calls[path]} places")
-            return True
+        # a module called at several places states its members at each call site; the
+        # later ones are coupled to the first (see Coupling.member): one shared unit
         x = node.args[0] if node.args else None
         if isinstance(mod, (nn.MultiheadAttention, SelfAttention)):
             return self._attention(node, mod, path)

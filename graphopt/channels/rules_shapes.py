@@ -47,8 +47,11 @@ class ShapeRules(Coupling):
         is locked (kept whole). Any carrier is sound; the useful one is picked:
 
         - a split (one input dim): the output dim that reaches the head axis of an attention
-          product (``[B, T, H·D] -> [B, T, H, D]`` prunes whole heads), else the innermost
-          (``[N, C] -> [N, g, C/g]`` removes the same position from every group);
+          product (``[B, T, H·D] -> [B, T, H, D]`` prunes whole heads), else the innermost one
+          that reaches the channel axis of a layer (``fc(z).view(B, C, H, W)`` feeding a conv
+          or a norm prunes whole channels: the linear's ``H·W`` features of channel ``c`` with
+          the conv's input channel ``c``), else the innermost (``[N, C] -> [N, g, C/g]``
+          removes the same position from every group);
         - a merge (one output dim): the input dim bearing producer channels (``[B, H, T, D]``
           transposed and merged back prunes heads; ``flatten`` of ``[C, H, W]`` prunes ``C``),
           else the outermost;
@@ -103,7 +106,10 @@ class ShapeRules(Coupling):
             return bearing[0] if bearing else big[0]
         heads = factors(out_span, [self._reaches_heads(node, d) for d in go])
         if len(gi) == 1:
-            return heads[0] if heads else big[-1]
+            if heads:
+                return heads[0]
+            chans = factors(out_span, [self._reaches_channels(node, d) for d in go])
+            return chans[-1] if chans else big[-1]
         both = [i for i in bearing if i in heads]
         return both[0] if both else (bearing[0] if bearing else big[0])
 
@@ -120,6 +126,10 @@ class ShapeRules(Coupling):
             self._lock_all(node, f"{node.name}: reshape {shape_in} -> {shape_out} not understood")
             return True
         self._make_layout(node, 0)
+        packed = list(target) if isinstance(target, (list, tuple)) else [target]
+        if len(shape_out) > 1 and len(packed) == 1 and isinstance(packed[0], fx.Node):
+            self._whole_shape(node, packed[0])
+            target = None
         for gi, go in groups:
             if len(gi) == 1 and len(go) == 1:
                 s, t = self.space_at(x, gi[0]), self.space_at(node, go[0])
@@ -132,6 +142,28 @@ class ShapeRules(Coupling):
             self._size_constraints(node, target)
         self.rewrites.append(Rewrite(node.name, kind, {}))
         return True
+
+    def _whole_shape(self, node: fx.Node, v: fx.Node) -> None:
+        """A reshape whose whole shape is one computed value. ``x.size()[:k] + (n, ...)``
+        (Hugging Face's ``Conv1D``): the first ``k`` dims read from ``x`` are kept (locked on
+        both sides), the constant tail is rewritten by the surgery (``"shape_tail"``). Any
+        other computed shape cannot be rewritten: no output dim may change."""
+        found = _size_prefix(v)
+        out = self.spaces_of(node)
+        src_shape = self._shape(found[0]) if found else None
+        k = None
+        if src_shape is not None and -len(src_shape) <= found[1] <= len(src_shape):
+            k = found[1] if found[1] >= 0 else len(src_shape) + found[1]
+        if k is None or len(out) != k + len(v.args[1]):
+            for s in out:
+                self.lock(s, f"{node.name}: its shape is computed as one value {v.name}")
+            return
+        src = found[0]
+        for d in range(k):
+            reason = f"{node.name}: dim {d} of its shape is read from {src.name}"
+            self.lock(out[d], reason)
+            self.lock(self.space_at(src, d), reason)
+        self.rewrites.append(Rewrite(node.name, "shape_tail", {"value": v.name, "k": k}))
 
     def _size_constraints(self, node: fx.Node, target: Any) -> None:
         """A size argument computed from some tensor's shape: record (target space, source
@@ -360,6 +392,28 @@ def _size_sources(v: Any, depth: int = 0) -> list[tuple[fx.Node, int]]:
     if v.op == "call_function" and v.target in _ARITH:
         return [p for a in v.args for p in _size_sources(a, depth + 1)]
     return []
+
+
+def _size_prefix(v: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(x, stop)`` when ``v`` is ``x.size()[:stop] + (ints...)`` (or ``x.shape[:stop] +
+    ...``), else None."""
+    if not (v.op == "call_function" and v.target is operator.add and len(v.args) == 2):
+        return None
+    head, tail = v.args
+    if not (isinstance(tail, tuple) and all(type(t) is int for t in tail)):
+        return None
+    if not (isinstance(head, fx.Node) and head.target is operator.getitem):
+        return None
+    size, sl = head.args
+    if not (isinstance(sl, slice) and sl.start in (None, 0) and sl.step in (None, 1)):
+        return None
+    if not isinstance(sl.stop, int) or not isinstance(size, fx.Node):
+        return None
+    if (size.op == "call_method" and size.target == "size" and len(size.args) == 1) or (
+        size.op == "call_function" and size.target is getattr and size.args[1] == "shape"
+    ):
+        return size.args[0], sl.stop
+    return None
 
 
 def int_factors(v: Any) -> list[tuple[fx.Node, int]]:

@@ -53,9 +53,12 @@ def member_tensor(root: nn.Module, member: Member) -> torch.Tensor:
     return getattr(mod, member.param)
 
 
-def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[dict[str, Any]]:
+def remove_units(
+    graph: Graph, ca: ChannelAnalysis, units: np.ndarray, *, propagate: bool = True
+) -> list[dict[str, Any]]:
     """Physically remove the given units (component labels of ``ca``); returns the plan
-    entries (members and removed indices)."""
+    entries (members and removed indices). ``propagate=False`` leaves the node shapes stale
+    for a caller that propagates them itself (the pass manager does after every pass)."""
     units = np.asarray(units, dtype=np.int64)
     bad = units[~ca.unit_prunable[units]] if len(units) else units
     if len(bad):
@@ -67,7 +70,8 @@ def remove_units(graph: Graph, ca: ChannelAnalysis, units: np.ndarray) -> list[d
     _rewrite_nodes(ca, graph.module, removed)
     graph.module.recompile()
     graph.invalidate()
-    graph.propagate_shapes()
+    if propagate:
+        graph.propagate_shapes()
     return members
 
 
@@ -204,6 +208,8 @@ def _fix_attributes(mod: nn.Module, depthwise: bool = False) -> None:
         mod.num_parameters = mod.weight.shape[0]
     elif isinstance(mod, nn.Embedding):
         mod.embedding_dim = mod.weight.shape[1]
+    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # Hugging Face's, W: [in, out]
+        mod.nx, mod.nf = mod.weight.shape
 
 
 def _is_depthwise(mod: nn.Module) -> bool:
@@ -249,6 +255,9 @@ def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray)
         if rw.kind == "reshape":
             new, old = _new_shape(ca, node.name, new_sizes), ca.layout_shape(node.name)
             _rewrite_reshape(gm.graph, node, new, old, ca.size_modes, scaled)
+        elif rw.kind == "shape_tail":  # x.size()[:k] + (n, ...): the constant tail
+            value, k = nodes[rw.info["value"]], rw.info["k"]
+            value.args = (value.args[0], tuple(_new_shape(ca, node.name, new_sizes)[k:]))
         elif rw.kind == "unflatten":
             new = _new_shape(ca, node.name, new_sizes)
             x, dim, sizes = node.args[:3]

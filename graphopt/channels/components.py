@@ -1,0 +1,44 @@
+"""Connected components of an undirected graph given as edge arrays, in numpy alone.
+
+The channel analysis needs the components of its element coupling graph (about 10^5 elements
+and edges on resnet50/densenet121). scipy's ``csgraph.connected_components`` does this in a few
+ms, but importing ``scipy.sparse`` costs about 0.3 s cold, as much as the whole analysis; this
+module does it with vectorised min-label propagation instead:
+
+    label(v) <- min(label(v), label(u)) for every edge (u, v), both ways,
+    label(v) <- label(label(v))                            (pointer jumping, until stable),
+
+repeated until no label changes. Each label is then the smallest element of its component, so
+numbering the distinct labels in increasing order numbers the components in the order of their
+smallest elements (the order scipy's labelling also gives for this graph's traversal).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
+    """Components of the graph on ``n`` vertices with edges ``a[i] -- b[i]``.
+
+    Returns ``(count, labels)``: ``labels[v]`` in ``0..count-1``, components numbered in the
+    order of their smallest vertex."""
+    label = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if len(a):
+        while True:
+            la, lb = label[a], label[b]
+            low = np.minimum(la, lb)
+            changed = la != lb
+            if not changed.any():
+                break
+            # hook the larger root under the smaller one, then jump pointers to the roots
+            np.minimum.at(label, np.maximum(la, lb)[changed], low[changed])
+            while True:
+                up = label[label]
+                if np.array_equal(up, label):
+                    break
+                label = up
+    roots, labels = np.unique(label, return_inverse=True)
+    return len(roots), labels.astype(np.int64)

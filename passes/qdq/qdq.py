@@ -9,9 +9,12 @@ PTQ (``mode=ptq``, the default):
 2. calibrate (:mod:`graphopt.quant.observers`): an observer on every quantized value sees up to
    ``batches`` batches of ``data``; ``minmax``, ``percentile``, ``mse`` or ``entropy`` picks
    the range ``[lo, hi]``, and ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``;
-3. fake-quant form (:mod:`graphopt.quant.modules`); with ``bias-correction`` each layer's bias
-   absorbs ``E[(W - W_q) x]`` measured on the calibration data; ``equalize`` first rescales
-   conv/linear pairs channel by channel (:mod:`graphopt.passes.qdq.equalize`);
+3. fake-quant form (:mod:`graphopt.quant.modules`); ``bias-correction`` (on by default) then
+   shifts each layer's bias, layer by layer, so its mean output per channel equals the float
+   model's on the calibration data (:mod:`graphopt.passes.qdq.bias`: this removes the mean
+   shift that weight *and* upstream activation rounding cause; ``mode=qat`` leaves the biases
+   to training); ``equalize first rescales conv/linear pairs channel by
+   channel (:mod:`graphopt.passes.qdq.equalize`);
 4. integer form: ``dequantize(quantize(x))`` on activations, int8 weights
    ``W = s_w W_q`` (symmetric, per output channel by default) and int32 biases
    ``b = s_x s_w b_q``. The graph computes what ORT's QLinearConv / QGemm compute, up to
@@ -42,11 +45,11 @@ from graphopt.optypes import call_sites
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.passes.qdq.adaround import adaround
 from graphopt.passes.qdq.batchnorm import rewrite_batchnorms
+from graphopt.passes.qdq.bias import float_bias_correction
 from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
 from graphopt.passes.qdq.rewrite import (
     QuantizationError,
-    bias_correction,
     calibrate,
     calibration_batches,
     choose_qparams,
@@ -105,7 +108,11 @@ class QDQOptions:
         },
     )
     bias_correction: bool = field(
-        default=False, metadata={"help": "correct the mean shift weight rounding causes"}
+        default=True,
+        metadata={
+            "help": "per layer, in order, shift the bias so each channel's mean output equals "
+            "the float model's (removes the mean shift of weight and activation rounding)"
+        },
     )
     equalize: bool = field(
         default=False,
@@ -319,7 +326,9 @@ class QDQ(Pass):
             if opts.rounding == "adaround"
             else {}
         )
-        corrections = bias_correction(gm, batches, ctx.progress) if opts.bias_correction else {}
+        corrections = {}
+        if opts.bias_correction and reference is not None:  # ptq: against the float model
+            corrections = float_bias_correction(gm, reference.module, batches, ctx.progress)
         counts: dict[str, int] = {}
         for u in the_plan.units:
             counts[u.kind] = counts.get(u.kind, 0) + 1

@@ -18,6 +18,14 @@ hence int16 rows). ``b[m] + dot`` goes to an int32 tile (``MG4 x PT``), requanti
 row at a time by the vectorised ``gp_requant_row``: the integers of the generic kernel, summed
 in another order, so the outputs are bit-exact with it; :func:`applicable` checks that no
 partial sum can leave int32.
+
+A pointwise conv over at most ``KPW`` channels and at least ``PMIN`` pixels runs
+``gp_q8pw`` instead (vectorised over pixels, whole channel rows requantised at once), and so
+does any other ungrouped conv of at most ``KCOL`` taps x channels (a first layer over 3
+channels), after an im2col ``[K][P]`` in the input type whose outside taps read ``zx``.
+Fully-connected layers (``QFc``) run ``gp_q8fc``: rows ``x - zx`` in int16, the same dot
+products over tiles of rows, requantised by ``gp_requant_clamp``. ``gp_q8dot`` takes 4 x 3
+blocks and then 4 x 1 for the last pixels, so small layers compute no duplicate pixels.
 """
 
 from __future__ import annotations
@@ -30,36 +38,18 @@ from .opbase import ConvGeometry
 MB, PB = 4, 3  # output channels x pixels per block of dot products
 TILE_BYTES = 1 << 15  # im2col rows per tile: at most this many bytes (see _tile)
 
-KERNELS = r"""
-/* XS[HP][WP][KC] = x[c][r - ph][col - pw] - zx for the group's cg channels, 0 outside */
-static void gp_q8nhwc_@TAG@(const @XT@ *x, int16_t *xs, int cg, int H, int W, int HP, int WP,
-                           int KC, int ph, int pw, int zx)
-{
-  const int r0 = gp_imax(0, ph), r1 = gp_imin(HP, H + ph);
-  const int c0 = gp_imax(0, pw), c1 = gp_imin(WP, W + pw);
-  int c, r, col;
-  if (r0 > 0 || c0 > 0 || r1 < HP || c1 < WP || KC > cg)
-    memset(xs, 0, (size_t)HP * WP * KC * sizeof(int16_t));
-  for (c = 0; c < cg; ++c)
-    for (r = r0; r < r1; ++r) {
-      const @XT@ *xr = x + ((long)c * H + r - ph) * W;
-      int16_t *sr = xs + (long)r * WP * KC + c;
-      for (col = c0; col < c1; ++col) sr[(long)col * KC] = (int16_t)((int32_t)xr[col - pw] - zx);
-    }
-}
-
+DOT = r"""
 /* T[m][p] = b[m] + sum_k w[m][k] R[p][k] (T row stride PT) for np rows R (KP values each)
-   and mg channels of weights w[MG4][KP]: 4 x 3 dot products at a time */
+   and mg channels of weights w[MG4][KP]: 4 x 3 dot products at a time, then 4 x 1 for the
+   last pixels (a layer of 4 pixels or an FC row would otherwise compute duplicates) */
 static void gp_q8dot_@TAG@(const int16_t *R, int np, const @WT@ *w, int mg, int KP,
                           const int32_t *b, int32_t *T, int PT)
 {
   int m0, p0, i, j, k;
   for (m0 = 0; m0 < mg; m0 += 4) {
     const @WT@ *w0 = w + (long)m0 * KP, *w1 = w0 + KP, *w2 = w1 + KP, *w3 = w2 + KP;
-    for (p0 = 0; p0 < np; p0 += 3) {
-      const int16_t *r0 = R + (long)p0 * KP;
-      const int16_t *r1 = p0 + 1 < np ? r0 + KP : r0;
-      const int16_t *r2 = p0 + 2 < np ? r0 + 2 * KP : r0;
+    for (p0 = 0; p0 + 3 <= np; p0 += 3) {
+      const int16_t *r0 = R + (long)p0 * KP, *r1 = r0 + KP, *r2 = r1 + KP;
       int32_t a00 = 0, a01 = 0, a02 = 0, a10 = 0, a11 = 0, a12 = 0;
       int32_t a20 = 0, a21 = 0, a22 = 0, a30 = 0, a31 = 0, a32 = 0;
       int32_t acc[4][3];
@@ -77,10 +67,41 @@ static void gp_q8dot_@TAG@(const int16_t *R, int np, const @WT@ *w, int mg, int 
       acc[3][0] = a30; acc[3][1] = a31; acc[3][2] = a32;
       for (i = 0; i < 4 && m0 + i < mg; ++i) {
         const int32_t bv = b ? b[m0 + i] : 0;
-        for (j = 0; j < 3 && p0 + j < np; ++j) T[(long)(m0 + i) * PT + p0 + j] = bv + acc[i][j];
+        for (j = 0; j < 3; ++j) T[(long)(m0 + i) * PT + p0 + j] = bv + acc[i][j];
       }
     }
+    for (; p0 < np; ++p0) {
+      const int16_t *r0 = R + (long)p0 * KP;
+      int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, acc[4];
+      for (k = 0; k < KP; ++k) {
+        const int32_t u = r0[k];
+        a0 += (int32_t)w0[k] * u; a1 += (int32_t)w1[k] * u;
+        a2 += (int32_t)w2[k] * u; a3 += (int32_t)w3[k] * u;
+      }
+      acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+      for (i = 0; i < 4 && m0 + i < mg; ++i)
+        T[(long)(m0 + i) * PT + p0] = (b ? b[m0 + i] : 0) + acc[i];
+    }
   }
+}
+"""
+
+KERNELS = r"""
+/* XS[HP][WP][KC] = x[c][r - ph][col - pw] - zx for the group's cg channels, 0 outside */
+static void gp_q8nhwc_@TAG@(const @XT@ *x, int16_t *xs, int cg, int H, int W, int HP, int WP,
+                           int KC, int ph, int pw, int zx)
+{
+  const int r0 = gp_imax(0, ph), r1 = gp_imin(HP, H + ph);
+  const int c0 = gp_imax(0, pw), c1 = gp_imin(WP, W + pw);
+  int c, r, col;
+  if (r0 > 0 || c0 > 0 || r1 < HP || c1 < WP || KC > cg)
+    memset(xs, 0, (size_t)HP * WP * KC * sizeof(int16_t));
+  for (c = 0; c < cg; ++c)
+    for (r = r0; r < r1; ++r) {
+      const @XT@ *xr = x + ((long)c * H + r - ph) * W;
+      int16_t *sr = xs + (long)r * WP * KC + c;
+      for (col = c0; col < c1; ++col) sr[(long)col * KC] = (int16_t)((int32_t)xr[col - pw] - zx);
+    }
 }
 
 /* scratch: T (int32, MG4 x PT), then XS, then (unless direct) one tile of rows R */
@@ -134,12 +155,14 @@ GP_NOINLINE static void gp_q8conv_@TAG@(const @XT@ *x, const @WT@ *wp, const int
 """
 
 POINTWISE = r"""
-/* 1x1, stride 1, unpadded, few input channels: Y[m][p] = b[m] + sum_c w[m][c] (x[c][p] - zx)
-   over 16 pixels x 6 output channels held in registers (weights [M/6][C][6]), exactly in
-   float (portable) or int32, then requantised a channel row at a time. With GP_SIMD on AVX2: channel pairs of the input go
-   to xs as int16 [C/2][P16][2] and each pair of products is one vpmaddwd (same integers). */
+/* 1x1, stride 1, unpadded: Y[m][p] = b[m] + sum_c w[m][c] (x[c][p] - zx) over 16 pixels x 6
+   output channels held in registers (weights [M/6][C][6]), exactly in float (portable) or
+   int32, into the int32 tile T[6][P16], requantised a channel row at a time once the 6 rows
+   are complete. With GP_SIMD on AVX2: channel pairs of the input go to xs as int16
+   [C/2][P16][2] and each pair of products is one vpmaddwd (same integers). */
 GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32_t *b, @YT@ *y,
-                         int16_t *xs, const uint32_t *ra, int C, int M, long P, int zx,
+                         int16_t *xs, int32_t *T, const uint32_t *ra, int C, int M, long P,
+                         int zx,
                          const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
 {
   const int nmb = (M + 5) / 6;
@@ -148,7 +171,7 @@ GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32
 #if defined(GP_SIMD) && defined(__AVX2__)
   const int C2 = (C + 1) / 2;
   const long P16 = (P + 15) / 16 * 16;
-  int32_t wl[@KPW2@ * 6], out[16];
+  int32_t wl[@KPW2@ * 6];
   for (c = 0; c < C2; ++c)
     for (j = 0; j < P16; ++j) {
       xs[((long)c * P16 + j) * 2] = (int16_t)(j < P ? (int32_t)x[2L * c * P + j] - zx : 0);
@@ -165,7 +188,6 @@ GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32
         wl[c * 6 + r] = (int32_t)(lo | hi << 16);
       }
     for (p0 = 0; p0 < P; p0 += 16) {
-      const long np = P - p0 < 16 ? P - p0 : 16;
       __m256i acc[6][2];
       for (r = 0; r < 6; ++r)
         acc[r][0] = acc[r][1] = _mm256_set1_epi32((b && r < mc) ? b[m0 + r] : 0);
@@ -180,19 +202,20 @@ GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32
         }
       }
       for (r = 0; r < mc; ++r) {
-        _mm256_storeu_si256((__m256i *)(void *)out, acc[r][0]);
-        _mm256_storeu_si256((__m256i *)(void *)(out + 8), acc[r][1]);
-        gp_requant_row_@YTAG@(out, y + (long)(m0 + r) * P + p0, np, qm[m0 + r], qs[m0 + r],
-                              ra[m0 + r], zy, qmin, qmax);
+        _mm256_storeu_si256((__m256i *)(void *)(T + r * P16 + p0), acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(void *)(T + r * P16 + p0 + 8), acc[r][1]);
       }
     }
+    for (r = 0; r < mc; ++r)
+      gp_requant_row_@YTAG@(T + r * P16, y + (long)(m0 + r) * P, P, qm[m0 + r], qs[m0 + r],
+                            ra[m0 + r], zy, qmin, qmax);
   }
 #else
-  /* portable: every partial sum is an integer below 2^24 in magnitude (C <= @KPW@ products
-     of at most 255 * 128), so float arithmetic computes it exactly, at the speed of the float
-     kernel; the input goes to scratch as float x - zx */
+  /* portable: every partial sum is an integer below 2^24 in magnitude (the weights pass
+     f32_exact), so float arithmetic computes it exactly, at the speed of the float kernel;
+     the input goes to scratch as float x - zx */
   float *xf = (float *)(void *)xs, wl[@KPW@ * 6];
-  int32_t out[16];
+  const long P16 = (P + 15) / 16 * 16;
   for (j = 0; j < (long)C * P; ++j) xf[j] = (float)((int32_t)x[j] - zx);
   for (mb = 0; mb < nmb; ++mb) {
     const @WT@ *wb = wp + (long)mb * C * 6;
@@ -222,19 +245,71 @@ GP_NOINLINE static void gp_q8pw_@TAG@(const @XT@ *x, const @WT@ *wp, const int32
       }
       for (r = 0; r < mc; ++r) {
         const int32_t bv = b ? b[m0 + r] : 0;
-        for (j = 0; j < 16; ++j) out[j] = bv + (int32_t)acc[r][j];
-        gp_requant_row_@YTAG@(out, y + (long)(m0 + r) * P + p0, np, qm[m0 + r], qs[m0 + r],
-                              ra[m0 + r], zy, qmin, qmax);
+        for (j = 0; j < 16; ++j) T[r * P16 + p0 + j] = bv + (int32_t)acc[r][j];
       }
     }
+    for (r = 0; r < mc; ++r)
+      gp_requant_row_@YTAG@(T + r * P16, y + (long)(m0 + r) * P, P, qm[m0 + r], qs[m0 + r],
+                            ra[m0 + r], zy, qmin, qmax);
   }
 #endif
 }
 """
 
+COL = r"""
+/* col[k][p] = x[c][oh * sh - ph + kh * dh][ow * sw - pw + kw * dw] for k = (c, kh, kw), and zx
+   (x - zx = 0: what a tap outside the input contributes) where the tap falls outside */
+static void gp_q8col_@XTAG@(const @XT@ *x, @XT@ *col, int C, int H, int W, int OH, int OW,
+                           int KH, int KW, int sh, int sw, int dh, int dw, int ph, int pw, int zx)
+{
+  int c, kh, kw, oh, ow;
+  for (c = 0; c < C; ++c)
+    for (kh = 0; kh < KH; ++kh)
+      for (kw = 0; kw < KW; ++kw)
+        for (oh = 0; oh < OH; ++oh) {
+          const int ih = oh * sh - ph + kh * dh;
+          const @XT@ *xr = x + ((long)c * H + ih) * W;
+          @XT@ *dst = col + (((long)(c * KH + kh) * KW + kw) * OH + oh) * OW;
+          for (ow = 0; ow < OW; ++ow) {
+            const int iw = ow * sw - pw + kw * dw;
+            dst[ow] = ih >= 0 && ih < H && iw >= 0 && iw < W ? xr[iw] : (@XT@)zx;
+          }
+        }
+}
+"""
+
+FC = r"""
+/* y[r][n] = requant(b[n] + sum_k w[n][k] (x[r][k] - zx)) for R rows of K values, PT rows at a
+   time: x - zx to int16 rows XS[PT][KP] (zero past K), T[N4][PT] = gp_q8dot, then the
+   requantisation of the generic kernel. scratch: T (int32), then XS. */
+GP_NOINLINE static void gp_q8fc_@TAG@(const @XT@ *x, const @WT@ *wp, const int32_t *b, @YT@ *y,
+                         int32_t *scratch, int R, int N, int K, int KP, int PT, int zx,
+                         const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+{
+  int32_t *T = scratch;
+  int16_t *xs = (int16_t *)(void *)(scratch + (long)(N + 3) / 4 * 4 * PT);
+  int r0, r, n, k;
+  for (r0 = 0; r0 < R; r0 += PT) {
+    const int nr = R - r0 < PT ? R - r0 : PT;
+    for (r = 0; r < nr; ++r) {
+      const @XT@ *xr = x + (long)(r0 + r) * K;
+      int16_t *sr = xs + (long)r * KP;
+      for (k = 0; k < K; ++k) sr[k] = (int16_t)((int32_t)xr[k] - zx);
+      for (; k < KP; ++k) sr[k] = 0;
+    }
+    gp_q8dot_@TAG@(xs, nr, wp, N, KP, b, T, PT);
+    for (r = 0; r < nr; ++r)
+      for (n = 0; n < N; ++n)
+        y[(long)(r0 + r) * N + n] =
+            (@YT@)gp_requant_clamp(T[(long)n * PT + r], qm[n], qs[n], zy, qmin, qmax);
+  }
+}
+"""
+
 _TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}
-KPW = 64  # a pointwise conv over at most this many input channels runs gp_q8pw
+KPW = 512  # a pointwise conv over at most this many input channels runs gp_q8pw
 PMIN = 32  # ... and at least this many pixels
+KCOL = 64  # a conv with at most this many taps x channels (and PMIN pixels): im2col + gp_q8pw
 
 
 def kp(geo: ConvGeometry) -> int:
@@ -257,21 +332,46 @@ def _tile(geo: ConvGeometry) -> int:
 
 def applicable(geo: ConvGeometry, w: np.ndarray, bias: np.ndarray | None) -> bool:
     """Not depthwise, and no partial sum leaves int32: ``|b| + sum |w| * 255`` (inputs
-    ``x - zx`` span at most 255 either way)."""
-    if geo.depthwise or (pointwise(geo) and not f32_exact(w)):
+    ``x - zx`` span at most 255 either way); float-exact weights for the pixel-vectorised
+    kernel (its portable form sums in float)."""
+    if geo.depthwise or ((pointwise(geo) or smallk(geo)) and not f32_exact(w)):
         return False
+    return fits_int32(w, bias)
+
+
+def fits_int32(w: np.ndarray, bias: np.ndarray | None) -> bool:
+    """``|b[m]| + 255 * sum_k |w[m][k]| < 2^31`` for every output channel ``m`` (axis 0)."""
     wabs = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1) * 255
     b = np.zeros(w.shape[0], np.int64) if bias is None else np.abs(bias.astype(np.int64))
     return bool((b + wabs).max(initial=0) < 2**31)
 
 
+def _pw_bytes(c: int, p: int) -> int:
+    """Scratch of gp_q8pw over ``c`` channels of ``p`` pixels: int16 channel pairs (GP_SIMD)
+    or float (portable), rounded up to 64 bytes, then the int32 tile ``T[6][P16]``."""
+    p16 = -(-p // 16) * 16
+    return _xs_bytes(c, p) + 6 * p16 * 4
+
+
+def _xs_bytes(c: int, p: int) -> int:
+    p16 = -(-p // 16) * 16
+    return -(-max((c + 1) // 2 * 2 * p16 * 2, c * p * 4) // 64) * 64
+
+
+def _col_bytes(geo: ConvGeometry) -> int:
+    """The im2col matrix of the small-K path (one byte per value), rounded up to 64."""
+    return -(-(geo.KH * geo.KW * geo.C * geo.OH * geo.OW) // 64) * 64
+
+
 def scratch_bytes(geo: ConvGeometry) -> int:
     """The int32 output tile, the channels-last padded input of one group and (unless the
-    rows come straight from it) one tile of rows (int16); for the pointwise kernel, the input
-    in channel pairs (used with GP_SIMD only)."""
-    if pointwise(geo):  # int16 channel pairs (GP_SIMD) or float (portable)
-        pairs = (geo.C + 1) // 2 * 2 * -(-(geo.H * geo.W) // 16) * 16 * 2
-        return max(pairs, geo.C * geo.H * geo.W * 4)
+    rows come straight from it) one tile of rows (int16); for the pointwise kernel, its
+    input in channel pairs (GP_SIMD) or in float; for the small-K path, the im2col matrix
+    first."""
+    if pointwise(geo):
+        return _pw_bytes(geo.C, geo.H * geo.W)
+    if smallk(geo):
+        return _col_bytes(geo) + _pw_bytes(geo.KH * geo.KW * geo.C, geo.OH * geo.OW)
     tile = -(-(geo.M // geo.G) // MB) * MB * _tile(geo) * 4
     if _direct(geo):
         return tile + geo.H * geo.W * kp(geo) * 2
@@ -295,43 +395,103 @@ def pack(w: np.ndarray, groups: int) -> np.ndarray:
     return out
 
 
-def source(xt: str, wt: str, yt: str, pointwise: bool = False) -> tuple[str, str]:
-    """(function name, C source) for the given C types: the im2col + dot product driver and
-    its two helpers, or (``pointwise``) the pixel-vectorised 1x1 kernel."""
+def source(xt: str, wt: str, yt: str, kind: str = "conv") -> tuple[str, str]:
+    """(function name, C source) for the given C types: ``conv`` (the im2col + dot product
+    driver and its input helper), ``fc`` (rows times weights), ``dot`` (their shared dot
+    products: emit it first), ``pw`` (the pixel-vectorised 1x1 kernel) or ``col`` (the
+    im2col of the small-K path, by input type only)."""
     tag = "".join(_TAG[t] for t in (xt, wt, yt))
-    src = (POINTWISE if pointwise else KERNELS).replace("@TAG@", tag)
+    code = {"conv": KERNELS, "fc": FC, "dot": DOT, "pw": POINTWISE, "col": COL}[kind]
+    src = code.replace("@TAG@", tag).replace("@XTAG@", _TAG[xt])
     src = src.replace("@YTAG@", _TAG[yt]).replace("@KPW2@", str((KPW + 1) // 2))
     src = src.replace("@KPW@", str(KPW))
     src = src.replace("@XT@", xt).replace("@WT@", wt).replace("@YT@", yt)
-    return f"gp_q8{'pw' if pointwise else 'conv'}_{tag}", src
+    return (f"gp_q8col_{_TAG[xt]}" if kind == "col" else f"gp_q8{kind}_{tag}"), src
 
 
 def pointwise(geo: ConvGeometry) -> bool:
     """A 1x1, stride-1, unpadded, ungrouped conv over at most ``KPW`` input channels and at
-    least 32 pixels: too short a dot product for the GEMM, so vectorised over pixels."""
+    least ``PMIN`` pixels: vectorised over pixels (no horizontal sums, whole rows
+    requantised at once) rather than the GEMM's dot products."""
     return _direct(geo) and geo.G == 1 and geo.C <= KPW and geo.H * geo.W >= PMIN
+
+
+def smallk(geo: ConvGeometry) -> bool:
+    """Any other ungrouped conv whose dot products are at most ``KCOL`` long (a first layer
+    over 3 channels) over at least ``PMIN`` pixels: im2col as ``[K][P]`` (taps outside the
+    input read ``zx``), then the pixel-vectorised kernel over ``K`` channels."""
+    k = geo.KH * geo.KW * geo.C
+    return not _direct(geo) and geo.G == 1 and k <= KCOL and geo.OH * geo.OW >= PMIN
 
 
 def emit(cg, geo: ConvGeometry, e: dict, bias: str, q: str) -> str:
     """The call of the kernel on ``x``/``y`` (declared by the caller) for each image."""
-    pw = pointwise(geo)
-    fn, src = source(e["xt"], e["wt"], e["yt"], pw)
+    pw, sk = pointwise(geo), smallk(geo)
+    xt, wt, yt = e["xt"], e["wt"], e["yt"]
     cg.helper("simd", SIMD)
-    cg.helper(*requant_row(e["yt"]))
+    cg.helper(*requant_row(yt))
+    if not (pw or sk):
+        cg.helper(*source(xt, wt, yt, "dot"))
+    fn, src = source(xt, wt, yt, "pw" if pw or sk else "conv")
     cg.helper(fn, src)
-    if pw:
-        w = e["w"].reshape(geo.M, geo.C)
-        wp = np.zeros((-(-geo.M // 6) * 6, geo.C), w.dtype)
+    ra = cg.weight(saturation_caps(e["qm"], e["qs"]), "requant_caps")
+    loop = f"  int n;\n  for (n = 0; n < {geo.N}; ++n) {{\n"
+    xn, yn = f"x + (long)n * {geo.x_size}", f"y + (long)n * {geo.y_size}"
+    if pw or sk:
+        k = geo.KH * geo.KW * geo.C
+        w = e["w"].reshape(geo.M, k)
+        wp = np.zeros((-(-geo.M // 6) * 6, k), w.dtype)
         wp[: geo.M] = w
-        wsym = cg.weight(wp.reshape(-1, 6, geo.C).transpose(0, 2, 1).reshape(-1), "q8pw_w_packed_6")
-        ra = cg.weight(saturation_caps(e["qm"], e["qs"]), "requant_caps")
-        args = f"{cg.scratch('int16_t')}, {ra}, {geo.C}, {geo.M}, {geo.H * geo.W}"
-    else:
-        wsym = cg.weight(pack(e["w"], geo.G).reshape(-1), f"q8conv_w_packed_{kp(geo)}")
-        ra = cg.weight(saturation_caps(e["qm"], e["qs"]), "requant_caps")
-        args = f"{cg.scratch('int32_t')}, {ra}, {geo.args()}, {kp(geo)}, {_tile(geo)}"
+        wsym = cg.weight(wp.reshape(-1, 6, k).transpose(0, 2, 1).reshape(-1), "q8pw_w_packed_6")
+        s = cg.scratch("unsigned char")
+        if pw:
+            p = geo.H * geo.W
+            t = f"(int32_t *)(void *)({s} + {_xs_bytes(geo.C, p)})"
+            args = f"(int16_t *)(void *){s}, {t}, {ra}, {geo.C}, {geo.M}, {p}"
+            return f"{loop}    {fn}({xn}, {wsym}, {bias}, {yn}, {args}, {q});\n  }}"
+        col, csrc = source(xt, wt, yt, "col")
+        cg.helper(col, csrc)
+        g = geo
+        xs = f"{s} + {_col_bytes(g)}"
+        t = f"(int32_t *)(void *)({xs} + {_xs_bytes(k, g.OH * g.OW)})"
+        return (
+            f"{loop}    {col}({xn}, ({xt} *)(void *){s}, {g.C}, {g.H}, {g.W}, {g.OH}, {g.OW}, "
+            f"{g.KH}, {g.KW}, {g.sh}, {g.sw}, {g.dh}, {g.dw}, {g.ph}, {g.pw}, {e['zx']});\n"
+            f"    {fn}((const {xt} *)(void *){s}, {wsym}, {bias}, {yn}, "
+            f"(int16_t *)(void *)({xs}), {t}, {ra}, {k}, {g.M}, {g.OH * g.OW}, "
+            f"{q});\n  }}"
+        )
+    wsym = cg.weight(pack(e["w"], geo.G).reshape(-1), f"q8conv_w_packed_{kp(geo)}")
+    args = f"{cg.scratch('int32_t')}, {ra}, {geo.args()}, {kp(geo)}, {_tile(geo)}"
+    return f"{loop}    {fn}({xn}, {wsym}, {bias}, {yn}, {args}, {q});\n  }}"
+
+
+# -- fully-connected layers (Gemm / MatMul with constant weights) ----------------------------
+def _fc_rows(rows: int, n: int) -> int:
+    """Rows per tile: at most 24, fewer when the int32 tile would pass 64 KiB (at least 3)."""
+    n4 = -(-n // MB) * MB
+    return min(rows, max(PB, min(24, (1 << 16) // (4 * n4))))
+
+
+def fc_scratch_bytes(n: int, k: int, rows: int) -> int:
+    """T (int32, ``N4 x PT``) and PT int16 rows of ``KP`` values."""
+    pt = _fc_rows(rows, n)
+    return (-(-n // MB) * MB * pt * 4) + pt * (-(-k // 16) * 16) * 2
+
+
+def emit_fc(cg, e: dict, x: str, y: str, bias: str, q: str) -> str:
+    """The call of gp_q8fc for ``rows`` rows of ``x [rows][K]`` and weights ``w [N][K]``
+    (requantised by ``gp_requant_clamp``: the caller emits it)."""
+    xt, wt, yt = e["xt"], e["wt"], e["yt"]
+    w = e["w"]
+    n, k = w.shape
+    cg.helper(*source(xt, wt, yt, "dot"))
+    fn, src = source(xt, wt, yt, "fc")
+    cg.helper(fn, src)
+    kp_ = -(-k // 16) * 16
+    wsym = cg.weight(pack(w.reshape(n, k, 1, 1), 1).reshape(-1), f"q8fc_w_packed_{kp_}")
+    rows = e["rows"]
     return (
-        f"  int n;\n  for (n = 0; n < {geo.N}; ++n)\n"
-        f"    {fn}(x + (long)n * {geo.x_size}, {wsym}, {bias}, y + (long)n * {geo.y_size}, "
-        f"{args}, {q});"
+        f"  {fn}({x}, {wsym}, {bias}, {y}, {cg.scratch('int32_t')}, {rows}, {n}, {k}, "
+        f"{kp_}, {_fc_rows(rows, n)}, {q});"
     )

@@ -212,6 +212,14 @@ class QConv(Op):
 
 
 class QFc(Op):
+    def prepare(self, node, tensors, sparse_ok):
+        e = node.extra
+        if sparse_ok and sparse.best(e["w"]) is not None:
+            return
+        if "int8-gemm" in FAST and conv_q8.fits_int32(e["w"], e["bias"]):
+            n, k = e["w"].shape
+            e.update(kernel="int8-gemm", scratch=conv_q8.fc_scratch_bytes(n, k, e["rows"]))
+
     def emit(self, node, cg):
         e = node.extra
         _helpers(cg)
@@ -220,6 +228,8 @@ class QFc(Op):
         bias = cg.weight(e["bias"], "fc_bias_int32") if e["bias"] is not None else "0"
         x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
         q = _qargs(cg, e)
+        if e.get("kernel") == "int8-gemm":
+            return conv_q8.emit_fc(cg, e, x, y, bias, q)
         code = sparse.emit_fc(cg, node, w, e["rows"], x, y, bias, q, (xt, wt, yt))
         if code is not None:
             return code

@@ -34,7 +34,7 @@ class EmitContext(Protocol):
 
 #: The specialised conv kernels in use. A test removes a name to get the generic kernel the
 #: specialised one must match: "depthwise" (:mod:`.conv_dw`, float and int8), "packed" (float,
-#: :mod:`.conv_fast`), "int8-gemm" (:mod:`.conv_q8`).
+#: :mod:`.conv_fast`), "int8-gemm" (:mod:`.conv_q8`: int8 convs and fully-connected layers).
 FAST: set[str] = {"depthwise", "packed", "int8-gemm"}
 
 

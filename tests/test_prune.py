@@ -25,23 +25,13 @@ from graphopt.errors import DataError, GraphoptError, OptionError, PassFailure
 from graphopt.modules import SelfAttention
 from graphopt.passes.prune import apply_plan, remove_units
 
-from .channel_helpers import zero_unit_inputs
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+from .channel_helpers import randomize_bn, zero_unit_inputs
 
 
 def zero_and_remove(model: nn.Module, x: torch.Tensor, fraction: float = 0.5, seed: int = 0):
     """Zero consumers of a random ``fraction`` of every group's units, then remove them.
     Returns (reference output, pruned output, analysis, pruned graph)."""
-    g = graphopt.trace(_randomize_bn(model), x)
+    g = graphopt.trace(randomize_bn(model), x)
     ca = ChannelAnalysis(g)
     rng = np.random.default_rng(seed)
     units = []
@@ -350,7 +340,7 @@ def test_channel_slice_moves_its_bounds():
 
 
 def test_channel_slice_pruned_by_the_pass():
-    g = graphopt.trace(_randomize_bn(ChannelSlice()), X)
+    g = graphopt.trace(randomize_bn(ChannelSlice()), X)
     r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
     m = r.graph.module
     assert m.a.out_channels < 16 and m.b.in_channels < 8
@@ -460,7 +450,7 @@ def test_cross_attention_stays_whole():
 
 # -- the pass ---------------------------------------------------------------------------------------------
 def test_ratio_zero_leaves_graph_identical():
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     before = {k: v.clone() for k, v in g.module.state_dict().items()}
     code = g.module.code
     r = graphopt.Pipeline.parse("prune(ratio=0)").run(g)
@@ -472,7 +462,7 @@ def test_ratio_zero_leaves_graph_identical():
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale", "random"])
 def test_importances_shrink_and_run(importance):
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     r = graphopt.Pipeline.parse(f"prune(ratio=0.5,importance={importance})").run(g)
     rep = r.reports[0]
     assert rep.modified
@@ -500,7 +490,7 @@ def test_l2_removes_the_weakest_channels():
 
 
 def test_taylor_needs_data_and_uses_it():
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     with pytest.raises(DataError, match="'prune' needs data"):  # before anything runs
         graphopt.Pipeline.parse("prune(importance=taylor)").run(g)
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(2)]
@@ -509,14 +499,14 @@ def test_taylor_needs_data_and_uses_it():
 
 
 def test_global_scope_and_round_to():
-    g = graphopt.trace(_randomize_bn(Concat()), X)
+    g = graphopt.trace(randomize_bn(Concat()), X)
     r = graphopt.Pipeline.parse("prune(ratio=0.5,scope=global,round-to=2)").run(g)
     assert r.reports[0].modified
     assert r.graph.module(X).shape[1] == 3
 
 
 def test_ignore_glob_keeps_layer_and_warns_on_no_match(caplog):
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     with caplog.at_level(logging.WARNING):
         r = graphopt.Pipeline.parse("prune(ratio=0.5,ignore=[a.0,nothing.*])").run(g)
     assert r.graph.module.get_submodule("a.0").out_channels == 8
@@ -545,7 +535,7 @@ def test_target_is_met_within_2_percent(kind, frac):
 
 
 def test_steps_iterative():
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     r = graphopt.Pipeline.parse("prune(ratio=0.5,steps=2)").run(g)
     assert r.graph.module.get_submodule("a.0").out_channels in (4, 5)
 
@@ -565,7 +555,7 @@ def test_bad_options(text, msg):
 
 
 def test_unreachable_target():
-    g = graphopt.trace(_randomize_bn(Residual()), X)
+    g = graphopt.trace(randomize_bn(Residual()), X)
     with pytest.raises(PassFailure, match="cannot be met"):
         graphopt.Pipeline.parse("prune(target=macs:0.01,max-ratio=0.2)").run(g)
 
@@ -587,7 +577,7 @@ def test_removing_locked_unit_is_refused():
 # -- plan replay ------------------------------------------------------------------------------------------
 def test_plan_replay_loads_checkpoint(tmp_path):
     torch.manual_seed(3)
-    model = _randomize_bn(Residual())
+    model = randomize_bn(Residual())
     g = graphopt.trace(model, X)
     r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g, out_dir=tmp_path)
     plan_path = tmp_path / "prune_plan.json"
@@ -684,7 +674,7 @@ def test_data_error_type():
 def test_pruned_graph_exports_and_matches_ort(tmp_path, net, x):
     from graphopt.backends import onnxruntime as ort_backend
 
-    g = graphopt.trace(_randomize_bn(net()), x)
+    g = graphopt.trace(randomize_bn(net()), x)
     r = graphopt.Pipeline.parse("prune(ratio=0.5)").run(g)
     assert r.reports[0].modified
     path = ort_backend.export(r.graph, tmp_path / "pruned.onnx")

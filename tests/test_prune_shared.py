@@ -24,17 +24,7 @@ from graphopt.backends.onnxruntime import check_parity, export
 from graphopt.channels import ChannelAnalysis
 from graphopt.channels.surgery import apply_plan, remove_units
 
-from .channel_helpers import zero_unit_inputs
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+from .channel_helpers import randomize_bn, zero_unit_inputs
 
 
 def _first(out) -> torch.Tensor:
@@ -184,7 +174,7 @@ SHARED = {
 def test_a_shared_module_is_one_unit_and_prunes_exactly(name, frontend, tmp_path):
     cls, x, groups = SHARED[name]
     torch.manual_seed(0)
-    g = graphopt.trace(_randomize_bn(cls()), x, frontend=frontend)
+    g = graphopt.trace(randomize_bn(cls()), x, frontend=frontend)
     ca = ChannelAnalysis(g)
     assert sorted(map(sorted, _producers(ca))) == sorted(map(sorted, groups)), ca.locked_summary()
     assert not any("places" in r["reason"] for r in ca.locked_summary(limit=0))
@@ -194,7 +184,7 @@ def test_a_shared_module_is_one_unit_and_prunes_exactly(name, frontend, tmp_path
 
 
 def test_a_shared_conv_is_sliced_once_and_scored_once():
-    g = graphopt.trace(_randomize_bn(SharedConv()), IMG)
+    g = graphopt.trace(randomize_bn(SharedConv()), IMG)
     ca = ChannelAnalysis(g)
     slots = [(m.owner, m.param, m.dim, m.kind) for m in ca.members if m.owner == "shared"]
     assert len(slots) == len(set(slots))  # the second call site is coupled, not re-stated
@@ -208,7 +198,7 @@ def test_a_shared_conv_is_sliced_once_and_scored_once():
 @pytest.mark.parametrize("importance", ["l1", "taylor"])
 def test_the_pass_prunes_a_shared_block_and_the_plan_replays(importance, tmp_path):
     torch.manual_seed(0)
-    model = _randomize_bn(SharedBlock())
+    model = randomize_bn(SharedBlock())
     g = graphopt.trace(model, IMG)
     data = [(torch.randn(4, 3, 8, 8),) for _ in range(2)]
     r = graphopt.Pipeline.parse(f"prune(ratio=0.5,importance={importance})").run(g, data=data)
@@ -305,7 +295,7 @@ Z = torch.randn(3, 16)
 )
 def test_a_conv_after_a_reshaped_linear_keeps_its_channels(view, transpose, frontend, tmp_path):
     torch.manual_seed(0)
-    g = graphopt.trace(_randomize_bn(Generator(view, transpose)), Z, frontend=frontend)
+    g = graphopt.trace(randomize_bn(Generator(view, transpose)), Z, frontend=frontend)
     ca = ChannelAnalysis(g)
     assert _producers(ca) == [{"fc"}, {"up"}], ca.locked_summary()
     (fc_group,) = [grp for grp in ca.groups if grp.producers == ["fc"]]

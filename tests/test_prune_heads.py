@@ -473,6 +473,22 @@ def test_gpt2_ffn_plan_replays_on_a_fresh_model():
     assert _rel_error(got, _run(r.graph, tuple(inputs.values()))) < 1e-6
 
 
+def test_gpt2_head_plan_replays_on_a_fresh_model():
+    """The head plan replays on a fresh GPT2Model: ``split_size`` follows the packed c_attn."""
+    model, inputs = _gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    r = graphopt.Pipeline.parse("prune(ratio=0.5,units=heads)").run(graphopt.trace(model, inputs))
+    fresh, _ = _gpt2()
+    fresh.load_state_dict(state)
+    apply_plan(fresh, r.reports[0].details["plan"])
+    attn = fresh.h[0].attn
+    assert attn.c_attn.nf == 3 * attn.split_size and attn.split_size == E // 2
+    assert attn.num_heads * attn.head_dim == attn.split_size
+    with torch.no_grad():
+        got = _outputs(fresh(**inputs))
+    assert _rel_error(got, _run(r.graph, tuple(inputs.values()))) < 1e-6
+
+
 class Conv1DMLP(nn.Module):
     """Hand-written code using Hugging Face's ``Conv1D`` (fx traces into its forward:
     ``addmm`` between ``view(-1, in)`` and ``view(x.size()[:-1] + (nf,))``)."""

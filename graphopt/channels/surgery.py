@@ -152,7 +152,27 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
         _fix_attributes(mod, depthwise.get(owner, False))
     for owner, head_dim in attention.items():
         _to_self_attention(root, owner, head_dim)
+    _fix_split_sizes(root, touched)
     return list(dict.fromkeys(touched))
+
+
+def _fix_split_sizes(root: nn.Module, touched: list[str]) -> None:
+    """Hugging Face GPT-2 style attention splits its packed ``c_attn`` output (q, k, v; k, v
+    under cross-attention) with a Python attribute ``split_size``: make it follow the pruned
+    width, and ``num_heads`` the heads left (the eager forward reshapes with ``-1`` heads)."""
+    for owner in dict.fromkeys(touched):
+        path, _, leaf = owner.rpartition(".")
+        if leaf != "c_attn":
+            continue
+        parent = root.get_submodule(path) if path else root
+        packed = getattr(parent, "c_attn", None)
+        if not hasattr(parent, "split_size") or not hasattr(packed, "nf"):
+            continue
+        parts = 2 if getattr(parent, "is_cross_attention", False) else 3
+        parent.split_size = packed.nf // parts
+        head_dim = getattr(parent, "head_dim", 0)
+        if head_dim and hasattr(parent, "num_heads"):
+            parent.num_heads = parent.split_size // head_dim
 
 
 # -- parameters ---------------------------------------------------------------------------------------

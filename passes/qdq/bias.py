@@ -31,35 +31,35 @@ import torch.nn as nn
 
 from graphopt.quant.modules import QATConv, _QATWeighted
 
-
-def _channel_sum(out: torch.Tensor, conv: bool) -> tuple[torch.Tensor, int]:
-    ch = 1 if conv else out.dim() - 1
-    dims = [d for d in range(out.dim()) if d != ch]
-    return out.double().sum(dims), out.numel() // out.shape[ch]
+_CONV = (QATConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _means(gm: fx.GraphModule, names: list[str], batches) -> dict[str, torch.Tensor]:
-    """Per-channel mean output of the modules ``names`` of ``gm`` over ``batches``."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+def _channel_mean(module: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``module``'s mean output per channel (dim 1 for a conv, the last dim otherwise) and
+    that channel dim."""
+    ch = 1 if isinstance(module, _CONV) else out.dim() - 1
+    return out.double().mean([d for d in range(out.dim()) if d != ch]), ch
+
+
+def _means(gm: fx.GraphModule, names: list[str], inputs) -> dict[str, torch.Tensor]:
+    """Per-channel mean output of the modules ``names`` of ``gm`` on ``inputs`` (at a module's
+    first call, as :class:`_Correcting` corrects it there)."""
+    means: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def fn(module: nn.Module, args, out):
-            s, n = _channel_sum(out, isinstance(module, (QATConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
-            sums[name] = sums.get(name, 0) + s
-            counts[name] = counts.get(name, 0) + n
+            means.setdefault(name, _channel_mean(module, out)[0])
 
         return fn
 
     handles = [gm.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for inputs in batches:
-                gm(*inputs)
+            gm(*inputs)
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    return means
 
 
 def float_bias_correction(
@@ -89,7 +89,7 @@ def float_bias_correction(
     if not names or not batches:
         return {}
     inputs = _concatenated(batches, budget)
-    target = _means(reference, names, [inputs])
+    target = _means(reference, names, inputs)
     out: dict[str, float] = {}
     bar = iter(progress(names, desc="qdq: bias correction", total=len(names)))
     with torch.no_grad():
@@ -119,14 +119,13 @@ class _Correcting(fx.Interpreter):
         if n.op != "call_module" or name not in self.target or name in self.out:
             return value
         layer = self.module.get_submodule(name)
-        conv = isinstance(layer, (QATConv, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        total, count = _channel_sum(value, conv)
-        delta = (self.target[name] - total / count).to(layer.weight.dtype)
+        mean, ch = _channel_mean(layer, value)
+        delta = (self.target[name] - mean).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros_like(delta))
         layer.bias.add_(delta)
         shape = [1] * value.dim()
-        shape[1 if conv else value.dim() - 1] = -1
+        shape[ch] = -1
         self.out[name] = float(delta.abs().max())
         next(self.bar, None)
         return value + delta.view(shape)

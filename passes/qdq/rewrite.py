@@ -217,52 +217,6 @@ def to_fake_quant(
     return names
 
 
-def bias_correction(
-    gm: fx.GraphModule,
-    batches: list[tuple[torch.Tensor, ...]],
-    progress: Callable[..., Iterable],
-) -> dict[str, float]:
-    """Empirical bias correction: for each fake-quant layer, ``b += E[y_float - y_quant]`` per
-    output channel, both computed from the same (quantized) input, so that quantizing the
-    weights does not shift the layer's mean output. Returns module path -> max |correction|."""
-    layers = {
-        name: m for name, m in gm.named_modules() if isinstance(m, _QATWeighted) and not m.learnable
-    }
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str):
-        def fn(module: _QATWeighted, args, out):
-            x = args[0]
-            diff = module.float_forward(x) - out
-            ch = 1 if isinstance(module, QATConv) else diff.dim() - 1
-            dims = [d for d in range(diff.dim()) if d != ch]
-            sums[name] = sums.get(name, 0) + diff.double().sum(dims)
-            counts[name] = counts.get(name, 0) + diff.numel() // diff.shape[ch]
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for inputs in progress(batches, desc="qdq: bias correction", total=len(batches)):
-                gm(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            if name not in sums:
-                continue
-            delta = (sums[name] / counts[name]).to(layer.weight.dtype)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros_like(delta))
-            layer.bias.add_(delta)
-            out[name] = float(delta.abs().max())
-    return out
-
-
 # -- integer form ----------------------------------------------------------------------------------
 def _feeding_dq(value: Any) -> fx.Node | None:
     """The dequantize node ``value`` comes from (through transparent ops), or ``None``."""

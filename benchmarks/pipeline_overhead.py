@@ -27,9 +27,10 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+from cold_process import run_worker
 
 MODELS = ("resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0", "regnet_x_1_6gf")
 PIPELINE = "prune(ratio=0.5,importance=l2)"
@@ -114,18 +115,13 @@ def worker_torch_pruning(name: str, size: int, threads: int) -> dict:
 
 
 def _run(tool: str, name: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", tool, "--models", name]
-    cmd += ["--size", str(args.size), "--threads", str(args.threads)]
+    argv = ["--worker", tool, "--models", name, "--size", str(args.size)]
+    argv += ["--threads", str(args.threads)]
     if args.export:
-        cmd.append("--export")
+        argv.append("--export")
     if args.torch_pruning_path:
-        cmd += ["--torch-pruning-path", args.torch_pruning_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  {tool} on {name} failed: {tail}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        argv += ["--torch-pruning-path", args.torch_pruning_path]
+    return run_worker(__file__, argv, args.timeout, f"{tool} on {name}")[0]
 
 
 def _median(runs: list[dict], key: str, stage: str | None = None) -> float:

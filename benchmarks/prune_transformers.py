@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
+
+from cold_process import run_worker
 
 SEQ = 128
 
@@ -148,16 +149,12 @@ def worker_torch_pruning(name: str) -> dict:
     }
 
 
-def _run(tool: str, name: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", tool, "--models", name]
+def _run(tool: str, name: str, args) -> dict:
+    argv = ["--worker", tool, "--models", name]
     if args.torch_pruning_path:
-        cmd += ["--torch-pruning-path", args.torch_pruning_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  {tool} on {name} failed: {tail}", file=sys.stderr)
-        return {"failed": tail}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        argv += ["--torch-pruning-path", args.torch_pruning_path]
+    result, error = run_worker(__file__, argv, args.timeout, f"{tool} on {name}")
+    return result if result is not None else {"failed": error}
 
 
 def main() -> None:

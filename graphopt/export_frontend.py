@@ -135,7 +135,7 @@ def _unlift(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph | Non
         return None
     consts = {i.target: ep.constants.get(i.target) for i in specs if i.kind is state[2]}
     for target, value in consts.items():
-        if not isinstance(value, torch.Tensor) or _attr(root, target) is not None:
+        if not isinstance(value, torch.Tensor) or fetch_attr(root, target) is not None:
             return None
     graph = ep.graph_module.graph
     graph.owning_module = root  # the get_attr targets below resolve against root
@@ -153,7 +153,8 @@ def _unlift(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph | Non
     return graph
 
 
-def _attr(root: nn.Module, target: str) -> Any:
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute at the dotted path ``target``, or ``None`` where the path ends."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part, None)

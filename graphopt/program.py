@@ -29,7 +29,7 @@ import torch.nn as nn
 from .atomic import atomic_path
 from .capture import output_to_log
 from .errors import GraphoptError, ModelSpecError, first_line
-from .export_frontend import lift
+from .export_frontend import fetch_attr, lift
 from .graph import PROGRAM_META
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,7 @@ def rebuild_layers(gm: fx.GraphModule) -> int:
 def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    return _fetch(gm, str(node.target))
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+    return fetch_attr(gm, str(node.target))
 
 
 def _arg(node: fx.Node, i: int, default: Any = None) -> Any:

@@ -39,12 +39,9 @@ class Registry:
             raise TypeError(f"{cls!r} is not a graphopt Pass subclass")
         if not cls.name:
             raise ValueError(f"pass class {cls.__name__} has no name")
-        if cls.name in self._lazy and not replace:
-            raise ValueError(
-                f"a pass named {cls.name!r} is already registered "
-                f"(from {self._origin[cls.name]}); choose another name"
-            )
-        if cls.name in self._passes and not replace and self._passes[cls.name] is not cls:
+        known = self._passes.get(cls.name)
+        taken = cls.name in self._lazy or (known is not None and known is not cls)
+        if taken and not replace:
             raise ValueError(
                 f"a pass named {cls.name!r} is already registered "
                 f"(from {self._origin[cls.name]}); choose another name"

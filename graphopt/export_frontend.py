@@ -8,6 +8,7 @@ torch functions. Lifting rewrites the exported graph into that form:
 1. a layer op whose weight is a ``get_attr`` of a module of the matching type, with the same
    configuration, becomes ``call_module`` of that module of the user's (deep-copied) model:
    ``aten.linear`` -> ``nn.Linear``, ``aten.conv{1,2,3}d`` -> ``nn.Conv{1,2,3}d``,
+   ``aten.conv_transpose{1,2,3}d`` -> ``nn.ConvTranspose{1,2,3}d``,
    ``aten.batch_norm`` -> ``nn.BatchNorm*``, ``aten.layer_norm`` -> ``nn.LayerNorm``,
    ``aten.embedding`` -> ``nn.Embedding``; the parameters stay owned by their modules;
 2. ATen ops with a torch-level equal become it (``aten.add.Tensor`` -> ``operator.add``,
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .errors import TraceError, first_line
-from .optypes import BATCHNORM, CONV
+from .optypes import BATCHNORM, CONV, CONV_T
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,11 @@ INPLACE: dict[Any, Callable[..., Any]] = {
 """In-place ops lifted to their out-of-place form when nothing else reads the overwritten
 input (so the two are equal)."""
 _DROPOUT = {aten.dropout.default, aten.feature_dropout.default}
+_CONV_T = {
+    aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input,
+    aten.conv_transpose3d.input,
+}
 
 
 def export_graph_module(
@@ -271,6 +277,11 @@ def _lift_layer(graph: fx.Graph, node: fx.Node, root: nn.Module) -> bool:
         ok = owner and type(owner[1]) in CONV and _bias_ok(_get(a, 2), *owner)
         ok = ok and _conv_matches(owner[1], a)
         x = a[0]
+    elif t in _CONV_T:
+        owner = _param_owner(a[1], root)
+        ok = owner and type(owner[1]) in CONV_T and _bias_ok(_get(a, 2), *owner)
+        ok = ok and _conv_transpose_matches(owner[1], a)
+        x = a[0]
     elif t is aten.layer_norm.default:
         owner = _param_owner(_get(a, 2), root)
         ok = (
@@ -310,16 +321,33 @@ def _get(args: tuple, i: int, default: Any = None) -> Any:
     return args[i] if len(args) > i else default
 
 
-def _conv_matches(conv: nn.Module, a: tuple) -> bool:
-    def tup(v: Any, n: int) -> tuple:
-        return tuple(v) if isinstance(v, (list, tuple)) and len(v) == n else (v,) * n
+def _tup(v: Any, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) and len(v) == n else (v,) * n
 
+
+def _conv_matches(conv: nn.Module, a: tuple) -> bool:
+    """``aten.conv*d(x, w, b, stride, padding, dilation, groups)`` is ``conv`` called."""
     n = len(conv.kernel_size)
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     return (
-        tup(_get(a, 3, 1), n) == tuple(conv.stride)
-        and tup(_get(a, 4, 0), n) == tuple(conv.padding)
-        and tup(_get(a, 5, 1), n) == tuple(conv.dilation)
+        _tup(_get(a, 3, 1), n) == tuple(conv.stride)
+        and _tup(_get(a, 4, 0), n) == tuple(conv.padding)
+        and _tup(_get(a, 5, 1), n) == tuple(conv.dilation)
         and int(_get(a, 6, 1)) == conv.groups
+    )
+
+
+def _conv_transpose_matches(conv: nn.Module, a: tuple) -> bool:
+    """``aten.conv_transpose*d(x, w, b, stride, padding, output_padding, groups, dilation)``
+    is ``conv`` called without ``output_size`` (which would change the output padding)."""
+    n = len(conv.kernel_size)
+    if conv.padding_mode != "zeros":
+        return False
+    return (
+        _tup(_get(a, 3, 1), n) == tuple(conv.stride)
+        and _tup(_get(a, 4, 0), n) == tuple(conv.padding)
+        and _tup(_get(a, 5, 0), n) == tuple(conv.output_padding)
+        and int(_get(a, 6, 1)) == conv.groups
+        and _tup(_get(a, 7, 1), n) == tuple(conv.dilation)
     )

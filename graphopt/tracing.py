@@ -121,8 +121,9 @@ def _bind(
     """Match the example inputs to ``forward``'s parameters.
 
     Returns the given tensor inputs as ``(name, tensor)`` in ``forward``'s order, the
-    parameters to bind as constants (their defaults, or a non-tensor value the caller gave),
-    and every parameter's name in order."""
+    parameters to bind as constants (their defaults, or a non-tensor value the caller gave;
+    ``use_cache`` not given is bound to ``False``, as a Hugging Face decoder would otherwise
+    return its key/value cache), and every parameter's name in order."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
@@ -171,6 +172,11 @@ def _bind(
                     f"example_inputs: {p.name!r} is a {type(value).__name__}; give tensors, or "
                     "plain constants (bool, int, float, str, None) to bind"
                 )
+        elif p.name == "use_cache" and p.default in (None, True):
+            # transformers' decoders return a key/value cache object by default; a compressed
+            # graph computes whole sequences and returns no cache
+            bound[p.name] = False
+            log.info("bound use_cache=False: the graph returns no key/value cache")
         elif p.default is not p.empty:
             bound[p.name] = p.default
         else:

@@ -21,7 +21,12 @@ projections and the same ``D`` columns of the output projection, one group per l
 each layer's count and says when the ratio was rounded; a layer always keeps a head) and the
 head score is the member scores over those rows and columns (``l2``: ``Σ w²`` of each; taylor
 likewise). With grouped-query attention a unit is one key/value head and its query group.
-``units=heads`` / ``units=channels`` prunes only one kind.
+``units`` chooses which kinds of group are pruned, alone or joined by ``+``: ``heads``,
+``hidden`` (channels normalised by a norm's statistics, LayerNorm, RMSNorm or GroupNorm: in a
+transformer its hidden width, i.e. the embeddings, every LayerNorm, the residual stream and the
+head's input), ``channels`` (everything else: FFN widths, conv filters); ``all`` (the default)
+is ``heads+hidden+channels``. A norm over fewer channels normalises with statistics of fewer
+channels, so pruning ``hidden`` is lossy even for channels that carry zeros.
 
 The pass writes a pruning plan (``prune_plan.json`` in the run's output dir): for every
 member the indices removed along its dim. :func:`apply_plan` replays it on a fresh instance of
@@ -85,11 +90,13 @@ class PruneOptions:
     scope: Literal["local", "global"] = field(
         default="local", metadata={"help": "rank within each group, or across all groups"}
     )
-    units: Literal["all", "heads", "channels"] = field(
+    units: str = field(
         default="all",
         metadata={
-            "help": "what to prune: attention heads (whole heads of q, k, v and the output "
-            "projection), channels (everything else: FFN widths, conv filters), or all"
+            "help": "what to prune, kinds joined by '+': heads (whole heads of q, k, v and the "
+            "output projection), hidden (widths normalised by LayerNorm/RMSNorm/GroupNorm: a "
+            "transformer's hidden width), channels (everything else: FFN widths, conv "
+            "filters), or all"
         },
     )
     max_ratio: float = field(
@@ -119,12 +126,37 @@ class PruneOptions:
             raise OptionError(f"prune: round-to must be >= 1, got {self.round_to}")
         if self.steps < 1:
             raise OptionError(f"prune: steps must be >= 1, got {self.steps}")
+        unit_kinds(self.units)
         if self.target is not None:
             parse_target(self.target)
         if self.between is not None:
             if self.steps < 2:
                 raise OptionError("prune: between needs steps >= 2 (it runs between rounds)")
             parse_items(self.between)  # syntax; the manager checks the pass names
+
+
+UNIT_KINDS = ("heads", "hidden", "channels")
+
+
+def unit_kinds(text: str) -> frozenset[str]:
+    """The kinds of group ``units=TEXT`` prunes (``all``, or kinds joined by ``+``)."""
+    kinds = [k.strip() for k in text.split("+")]
+    if kinds == ["all"]:
+        return frozenset(UNIT_KINDS)
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad or not kinds:
+        raise OptionError(
+            f"prune: units must be all or kinds joined by '+' from {', '.join(UNIT_KINDS)}; "
+            f"got {text!r}"
+        )
+    return frozenset(kinds)
+
+
+def group_kind(group: Any) -> str:
+    """``heads``, ``hidden`` (normalised by a norm's statistics) or ``channels``."""
+    if group.heads:
+        return "heads"
+    return "hidden" if group.stats_coupled else "channels"
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -314,8 +346,9 @@ def prune_once(
     ca = ChannelAnalysis(graph)
     t1 = time.perf_counter()
     groups, skipped = [], []
+    kinds = unit_kinds(opts.units)
     for g in ca.groups:
-        if opts.units != "all" and g.heads != (opts.units == "heads"):
+        if group_kind(g) not in kinds:
             skipped.append(
                 {"group": g.id, "producers": g.producers, "reason": f"units={opts.units}"}
             )

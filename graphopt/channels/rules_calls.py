@@ -209,6 +209,7 @@ class CallRules(Coupling):
                 args[0],
                 args[1] if len(args) > 1 else node.kwargs.get("dim"),
                 node.kwargs.get("keepdim", args[2] if len(args) > 2 else False),
+                statistic=t is torch.mean,
             )
         return False
 
@@ -240,7 +241,7 @@ class CallRules(Coupling):
         if name in ("mean", "sum", "amax"):
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
             keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-            return self._reduce(node, args[0], dim, keep)
+            return self._reduce(node, args[0], dim, keep, statistic=name == "mean")
         if name == "expand":
             shape = self._shape(args[0])
             out = self._shape(node)

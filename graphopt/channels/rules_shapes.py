@@ -340,13 +340,24 @@ class ShapeRules(Coupling):
         self.passthrough_dims(node, x, dict(enumerate(d for d in range(nd) if d != dim)))
         return True
 
-    def _reduce(self, node, x, dim, keepdim) -> bool:
+    def _reduce(self, node, x, dim, keepdim, statistic: bool = False) -> bool:
+        """A reduction passes the dims it keeps and locks the ones it consumes, except a
+        ``statistic``: a mean over the last dim with ``keepdim`` (the mean square of an
+        RMSNorm, a hand-written LayerNorm's mean and variance) is computed over whatever width
+        remains, so that width stays prunable as a statistics space, like a LayerNorm's."""
         shape = self._shape(x)
         nd = len(shape)
         if dim is None:
             self._lock_all(node, f"{node.name}: full reduction")
             return True
         dims = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+        if statistic and keepdim and dims == {nd - 1}:
+            space = self.space_at(x, nd - 1)
+            if space is not None and len(space.dims) == 1:
+                self.stat_spaces.add(space.id)
+                dim_map = {d: d for d in range(nd - 1)}
+                self.passthrough_dims(node, x, dim_map, consumed=(nd - 1,), produced=(nd - 1,))
+                return True
         dim_map, o = {}, 0
         for d in range(nd):
             if d in dims:

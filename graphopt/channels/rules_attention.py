@@ -41,6 +41,7 @@ from graphopt.graph import Graph
 from graphopt.optypes import BATCHNORM, CONV, CONV_T, INSTANCENORM
 
 from .coupling import Coupling
+from .records import Rewrite
 from .rules_shapes import _reshape_groups
 
 aten = torch.ops.aten
@@ -59,6 +60,17 @@ _RESHAPES = {
     torch.flatten,
     "flatten",
 }
+_WINDOW_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias")
+SWIN_FUNCTIONS = {
+    ("torchvision.models.swin_transformer", "shifted_window_attention"): "_window_attention",
+    ("graphopt.modules", "window_attention"): "_window_attention",
+    (
+        "torchvision.models.swin_transformer",
+        "_get_relative_position_bias",
+    ): "_relative_position_bias",
+    ("torchvision.models.swin_transformer", "_patch_merging_pad"): "_patch_merging_pad",
+}
+"""Functions Swin calls opaquely under fx (``torch.fx.wrap``): rule method by (module, name)."""
 _HEAD = -1  # look-ahead verdict: the followed dim is an attention head axis
 _CHANNEL_MODULES = CONV + CONV_T + BATCHNORM + INSTANCENORM + (nn.GroupNorm,)
 
@@ -114,6 +126,108 @@ class AttentionRules(Coupling):
         self.couple_spaces(sv[r - 1], so[r - 1])
         if isinstance(mask, fx.Node):
             self._broadcast_onto(node, mask, [*so[:-1], sk[r - 2]])
+        return True
+
+    def _window_attention(self, node: fx.Node) -> bool:
+        """Swin's ``shifted_window_attention(x, W_qkv, W_proj, bias, window, heads, ...)`` (and
+        :func:`graphopt.modules.window_attention`, what it becomes once pruned) on ``x: [B, H,
+        W, C]``: ``C`` is consumed by ``W_qkv``'s columns, the output width produced by
+        ``W_proj``'s rows; a virtual head space (the rows of q, k and v in ``W_qkv``, the
+        columns of ``W_proj``, dim 1 of the relative position bias, V2's logit scale) is
+        coupled head-wise; H and W are locked (windows mix tokens)."""
+        x, w_qkv, w_proj, bias = (_arg(node, i, n) for i, n in enumerate(_WINDOW_ARGS))
+        heads_n = _arg(node, 5, "num_heads")
+        b_qkv, b_proj, scale = (
+            _arg(node, i, n) for i, n in ((9, "qkv_bias"), (10, "proj_bias"), (11, "logit_scale"))
+        )
+        params = [w_qkv, w_proj] + [p for p in (b_qkv, b_proj, scale) if p is not None]
+        shape = self._shape(x)
+        if (
+            not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params)
+            or not isinstance(heads_n, int)
+            or not isinstance(bias, fx.Node)
+            or shape is None
+            or len(shape) != 4
+        ):
+            return False
+        inner = self._shape(w_qkv)[0] // 3
+        head_dim = _arg(node, 13, "head_dim", 0) or shape[3] // heads_n
+        if inner != heads_n * head_dim:
+            return False
+        in_s, out_s = self.space_at(x, 3), self.space_at(node, 3)
+        self.passthrough_dims(node, x, {0: 0}, consumed=(3,), produced=(3,))
+        for d in (1, 2):
+            self.lock(self.space_at(x, d), f"{node.name}: windows mix tokens")
+        heads = self._new_space(f"{node.name}#heads", 0, (0,), (inner,), 0)
+        self.head_spaces.add(heads.id)
+        j = np.arange(inner)
+        self.couple(heads.base + j, heads.base + (j // head_dim) * head_dim)
+        first = heads.base + np.arange(heads_n) * head_dim  # an element of each head
+        qkv_out, qkv_in = self.spaces_of(w_qkv)
+        self.couple_spaces(qkv_in, in_s)
+        self.couple(qkv_out.base + np.arange(3 * inner), heads.base + np.tile(j, 3))
+        proj_out, proj_in = self.spaces_of(w_proj)
+        self.couple_spaces(proj_out, out_s)
+        self.couple(proj_in.base + j, heads.base + j)
+        owner, _, name = str(w_qkv.target).rpartition(".")
+        self.member(owner, name, 1, in_s, np.arange(in_s.size), "in")
+        self.member(owner, name, 0, heads, np.tile(j, 3), "out")
+        owner, _, name = str(w_proj.target).rpartition(".")
+        self.member(owner, name, 1, heads, j, "in")
+        self.member(owner, name, 0, out_s, np.arange(out_s.size), "out")
+        if b_qkv is not None:
+            s = self.spaces_of(b_qkv)[0]
+            self.couple(s.base + np.arange(3 * inner), heads.base + np.tile(j, 3))
+        if b_proj is not None:
+            self.couple_spaces(self.spaces_of(b_proj)[0], out_s)
+        if scale is not None:
+            s = self.spaces_of(scale)
+            self.couple(s[0].base + np.arange(heads_n), first)
+        sb = self.spaces_of(bias)
+        if len(sb) != 4 or sb[1].size != heads_n:
+            return False
+        self.couple(sb[1].base + np.arange(heads_n), first)
+        for sp in (sb[0], sb[2], sb[3]):
+            if sp.size != 1:
+                self.lock(sp, f"{node.name}: relative position bias tokens")
+        self.rewrites.append(
+            Rewrite(node.name, "window_attention", {"head_dim": head_dim, "qkv": str(w_qkv.target)})
+        )
+        return True
+
+    def _relative_position_bias(self, node: fx.Node) -> bool:
+        """Swin's ``_get_relative_position_bias(table, index, window)``: ``table: [T, heads]``
+        gathered by ``index`` into ``[1, heads, N, N]``; the heads pass, the rest is locked."""
+        table, index = node.args[0], node.args[1]
+        st, so = self.spaces_of(table), self.spaces_of(node)
+        if len(st) != 2 or len(so) != 4 or not self.couple_spaces(st[1], so[1]):
+            return False
+        self.lock(st[0], f"{node.name}: gathered by the relative position index")
+        for sp in (so[0], so[2], so[3]):
+            self.lock(sp, f"{node.name}: relative position bias tokens")
+        if isinstance(index, fx.Node):
+            self._lock_all(index, f"{node.name}: relative position index")
+        return True
+
+    def _patch_merging_pad(self, node: fx.Node) -> bool:
+        """Swin's ``_patch_merging_pad(x)``: ``[.., H, W, C] -> [.., H/2, W/2, 4C]``, the four
+        2x2 neighbours concatenated on the channel dim (output channel ``k·C + c`` is input
+        channel ``c``)."""
+        x = node.args[0]
+        shape = self._shape(x)
+        if shape is None or len(shape) < 3:
+            return False
+        nd = len(shape)
+        tail = (nd - 3, nd - 2, nd - 1)
+        self.passthrough_dims(node, x, {d: d for d in range(nd - 3)}, consumed=tail, produced=tail)
+        for t in (x, node):
+            for d in (nd - 3, nd - 2):
+                self.lock(self.space_at(t, d), f"{node.name}: patch merging")
+        si, so = self.space_at(x, nd - 1), self.space_at(node, nd - 1)
+        if si is None or so is None or so.size != 4 * si.size:
+            return False
+        k = np.arange(so.size)
+        self.couple(so.base + k, si.base + k % si.size)
         return True
 
     def _broadcast_onto(self, node: fx.Node, t: fx.Node, target: list) -> None:

@@ -20,7 +20,7 @@ from graphopt.optypes import POOL_FUNCS
 
 from .coupling import Coupling
 from .records import Rewrite
-from .rules_attention import MATMUL, REPEAT_INTERLEAVE, SDPA
+from .rules_attention import MATMUL, REPEAT_INTERLEAVE, SDPA, SWIN_FUNCTIONS
 
 aten = torch.ops.aten
 
@@ -150,6 +150,9 @@ class CallRules(Coupling):
     def _visit_function(self, node: fx.Node) -> bool:
         t = node.target
         args = node.args
+        swin = SWIN_FUNCTIONS.get((getattr(t, "__module__", None), getattr(t, "__name__", None)))
+        if swin is not None:
+            return getattr(self, swin)(node)
         if t in self._unary_funcs:
             return self.elementwise(node, [args[0]])
         if t in _BINARY_FUNCS:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from graphopt.errors import GraphoptError
 from graphopt.graph import Graph, node_meta
-from graphopt.modules import SelfAttention
+from graphopt.modules import SelfAttention, window_attention
 from graphopt.optypes import CONV, CONV_T
 
 from .analysis import ChannelAnalysis
@@ -299,6 +299,14 @@ def _rewrite_nodes(ca: ChannelAnalysis, gm: fx.GraphModule, removed: np.ndarray)
             node.args = (*node.args[:2], start, start + kept, *node.args[4:])
         elif rw.kind == "attention":
             _to_self_attention(gm, rw.info["path"], rw.info["head_dim"])
+        elif rw.kind == "window_attention":  # Swin: the head width becomes an argument
+            d = rw.info["head_dim"]
+            heads = gm.get_parameter(rw.info["qkv"]).shape[0] // 3 // d
+            args = list(node.args)
+            args[5] = heads
+            node.target = window_attention
+            node.args = tuple(args)
+            node.kwargs = {**node.kwargs, "head_dim": d}
         elif rw.kind == "split":
             dim = rw.info["dim"]
             sizes = [

@@ -125,10 +125,12 @@ def test_graphopt_qdq_pass_model(float_vgg, digits, tmp_path):
     path = export(result.graph, tmp_path / "gq.onnx", dynamic_batch=False)
     cm = build(path)
     assert cm.report["op_counts"].get("QConv_i8") == 4, cm.report["op_counts"]
+    # the last Gemm has no Q after it: int8 weights, float output (test_c_qgemm_float.py)
+    assert cm.report["op_counts"].get("QFcFloat_i8") == 1, cm.report["op_counts"]
     sess = ort.InferenceSession(str(path))
     xs = digits.x_test.numpy()[:120]
     c, o = _outputs(cm, sess, xs)
-    # the last Gemm stays float (no Q after it): compare logits relative to their range
+    # compare logits relative to their range
     assert np.abs(c - o).max() <= 0.02 * (o.max() - o.min())
     assert (c.argmax(1) == o.argmax(1)).mean() >= 0.99
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .csrc_int8 import SIMD, f32_exact, requant_row, saturation_caps
+from .csrc_int8 import SIMD, f32_exact, output_stage, requant_row, saturation_caps
 from .opbase import ConvGeometry
 
 MB, PB = 4, 3  # output channels x pixels per block of dot products
@@ -279,12 +279,12 @@ static void gp_q8col_@XTAG@(const @XT@ *x, @XT@ *col, int C, int H, int W, int O
 """
 
 FC = r"""
-/* y[r][n] = requant(b[n] + sum_k w[n][k] (x[r][k] - zx)) for R rows of K values, PT rows at a
+/* y[r][n] = out(b[n] + sum_k w[n][k] (x[r][k] - zx)) for R rows of K values, PT rows at a
    time: x - zx to int16 rows XS[PT][KP] (zero past K), T[N4][PT] = gp_q8dot, then the
-   requantisation of the generic kernel. scratch: T (int32), then XS. */
+   output stage of the generic kernel (requantised, or scaled to float). scratch: T (int32),
+   then XS. */
 GP_NOINLINE static void gp_q8fc_@TAG@(const @XT@ *x, const @WT@ *wp, const int32_t *b, @YT@ *y,
-                         int32_t *scratch, int R, int N, int K, int KP, int PT, int zx,
-                         const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+                         int32_t *scratch, int R, int N, int K, int KP, int PT, QARGS)
 {
   int32_t *T = scratch;
   int16_t *xs = (int16_t *)(void *)(scratch + (long)(N + 3) / 4 * 4 * PT);
@@ -300,13 +300,12 @@ GP_NOINLINE static void gp_q8fc_@TAG@(const @XT@ *x, const @WT@ *wp, const int32
     gp_q8dot_@TAG@(xs, nr, wp, N, KP, b, T, PT);
     for (r = 0; r < nr; ++r)
       for (n = 0; n < N; ++n)
-        y[(long)(r0 + r) * N + n] =
-            (@YT@)gp_requant_clamp(T[(long)n * PT + r], qm[n], qs[n], zy, qmin, qmax);
+        y[(long)(r0 + r) * N + n] = OUT(T[(long)n * PT + r], n);
   }
 }
 """
 
-_TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}
+_TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16", "float": "f32"}
 KPW = 512  # a pointwise conv over at most this many input channels runs gp_q8pw
 PMIN = 32  # ... and at least this many pixels
 KCOL = 64  # a conv with at most this many taps x channels (and PMIN pixels): im2col + gp_q8pw
@@ -402,6 +401,8 @@ def source(xt: str, wt: str, yt: str, kind: str = "conv") -> tuple[str, str]:
     im2col of the small-K path, by input type only)."""
     tag = "".join(_TAG[t] for t in (xt, wt, yt))
     code = {"conv": KERNELS, "fc": FC, "dot": DOT, "pw": POINTWISE, "col": COL}[kind]
+    if kind == "fc":  # requantised to int8/uint8 or, for a float output, scaled
+        code = output_stage(code, yt)
     src = code.replace("@TAG@", tag).replace("@XTAG@", _TAG[xt])
     src = src.replace("@YTAG@", _TAG[yt]).replace("@KPW2@", str((KPW + 1) // 2))
     src = src.replace("@KPW@", str(KPW))
@@ -481,7 +482,7 @@ def fc_scratch_bytes(n: int, k: int, rows: int) -> int:
 
 def emit_fc(cg, e: dict, x: str, y: str, bias: str, q: str) -> str:
     """The call of gp_q8fc for ``rows`` rows of ``x [rows][K]`` and weights ``w [N][K]``
-    (requantised by ``gp_requant_clamp``: the caller emits it)."""
+    (its output stage, :func:`.csrc_int8.output_helper`, is emitted by the caller)."""
     xt, wt, yt = e["xt"], e["wt"], e["yt"]
     w = e["w"]
     n, k = w.shape

@@ -9,6 +9,8 @@ variant)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .csrc_float import pool_body
@@ -167,7 +169,7 @@ QCONV = r"""
 static void gp_qconv_TAG(const XT *x, const WT *w, const int32_t *b, YT *y,
                          int C, int H, int W, int M, int OH, int OW, int KH, int KW,
                          int sh, int sw, int dh, int dw, int ph, int pw, int G,
-                         int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+                         QARGS)
 {
   const int cg = C / G, mg = M / G;
   int m, c, kh, kw, oh, ow;
@@ -191,7 +193,7 @@ static void gp_qconv_TAG(const XT *x, const WT *w, const int32_t *b, YT *y,
               acc += (int32_t)(int16_t)((int32_t)xc[(long)(ih0 + kh * dh) * W + iw0 + kw * dw] - zx)
                      * (int32_t)wc[kh * KW + kw];
         }
-        y[((long)m * OH + oh) * OW + ow] = (YT)gp_requant_clamp(acc, qm[m], qs[m], zy, qmin, qmax);
+        y[((long)m * OH + oh) * OW + ow] = OUT(acc, m);
       }
     }
   }
@@ -201,7 +203,7 @@ static void gp_qconv_TAG(const XT *x, const WT *w, const int32_t *b, YT *y,
 # rows of x [R][K] times packed weights [N/32][K][32]
 QFC = r"""
 static void gp_qfc_TAG(const XT *x, const WT *wp, const int32_t *b, YT *y, int R, int N, int K,
-                       int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax)
+                       QARGS)
 {
   const int nb = (N + 31) / 32;
   int r, blk, k, i;
@@ -217,8 +219,7 @@ static void gp_qfc_TAG(const XT *x, const WT *wp, const int32_t *b, YT *y, int R
         GP_NOUNROLL for (i = 0; i < 32; ++i) acc[i] += xv * (int32_t)wk[i];
       }
       for (i = 0; i < nc; ++i)
-        y[(long)r * N + n0 + i] =
-            (YT)gp_requant_clamp(acc[i], qm[n0 + i], qs[n0 + i], zy, qmin, qmax);
+        y[(long)r * N + n0 + i] = OUT(acc[i], n0 + i);
     }
 }
 """
@@ -259,4 +260,47 @@ QAVG = _QAVG_SIGNATURE + pool_body(
 
 
 def specialise(code: str, tag: str, xt: str, yt: str, wt: str = "int8_t") -> str:
+    code = output_stage(code, yt)
     return code.replace("TAG", tag).replace("XT", xt).replace("YT", yt).replace("WT", wt)
+
+
+# -- the output stage of conv / fully-connected kernels ---------------------------------------
+# A kernel template ends its parameter list with ``QARGS`` (the input zero point and what the
+# output stage reads) and writes each output as ``OUT(acc, n)``: int32 accumulator ``acc`` of
+# output channel ``n``. An int8/uint8 output is requantised (``gp_requant_clamp``); a float
+# output (an int8 layer whose result is not quantized again: ORT's QGemm with float output,
+# MatMulIntegerToFloat) is ``float(acc) * sc[n]``, plus ``fb[n]`` when the layer has a float
+# bias (an int32 bias is in ``acc`` already). ``sc[n]`` is the float32 product
+# ``sx * sw[n]``, as ORT computes it; product and sum are two statements, so a compiler in ISO
+# C mode (``-std=c99``: no contraction across statements) rounds each, as ORT's kernels do.
+DEQUANT = r"""
+static float gp_dequant_acc(int32_t acc, float sc, const float *fb, long n)
+{
+  const float p = (float)acc * sc;
+  return fb ? p + fb[n] : p;
+}
+"""
+REQUANT_ARGS = "int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax"
+DEQUANT_ARGS = "int zx, const float *sc, const float *fb"
+_OUT = re.compile(r"OUT\(([^,]+), ([^)]+)\)")
+
+
+def output_args(yt: str) -> str:
+    """The C parameters of the output stage for output type ``yt``."""
+    return DEQUANT_ARGS if yt == "float" else REQUANT_ARGS
+
+
+def output_stage(code: str, yt: str) -> str:
+    """``code`` with ``QARGS`` and every ``OUT(acc, n)`` replaced for output type ``yt``
+    (``int8_t``, ``uint8_t`` or ``float``). The kernel needs :data:`REQUANT` or
+    :data:`DEQUANT` (:func:`output_helper`)."""
+    if yt == "float":
+        repl = r"gp_dequant_acc(\1, sc[\2], fb, \2)"
+    else:
+        repl = rf"({yt})gp_requant_clamp(\1, qm[\2], qs[\2], zy, qmin, qmax)"
+    return _OUT.sub(repl, code).replace("QARGS", output_args(yt))
+
+
+def output_helper(yt: str) -> tuple[str, str]:
+    """(helper key, C source) of the function :func:`output_stage` calls."""
+    return ("dequant", DEQUANT) if yt == "float" else ("requant", REQUANT)

@@ -121,6 +121,7 @@ class Program:
     outputs: list[str]
     opset: int
     folded: int = 0  # nodes folded into constants
+    notes: list[str] = field(default_factory=list)  # lowering decisions worth reporting
 
     def t(self, name: str) -> Tensor:
         return self.tensors[name]

@@ -8,6 +8,10 @@ groups, after weights were folded (a folded weight keeps its int8 form in ``Tens
   weight zero point is not 0) weights, int32 bias ``round(b / (sx * sw))``, int32
   accumulation, per-channel requantisation by ``sx * sw[c] / sy`` as a fixed-point multiplier
   and shift, the activation folded into the output clamp;
+- ``DQ(x) -> Conv | Gemm | MatMul(const B)`` with no Q after it (a classifier's last layer):
+  the same integer weights and int32 accumulation, then ``float(acc) * fl32(sx * sw[c])`` plus
+  a float bias if the bias is not int32 (ORT's QGemm with float output), ``QFcFloat_i8`` /
+  ``QConvFloat_i8``;
 - ``DQ(a), DQ(b) -> Add [-> Relu] -> Q`` (same shapes): TFLite's integer add;
 - ``DQ(x) -> AveragePool | GlobalAveragePool -> Q``: integer window sums, requantised by
   ``sx / (sy * count)``;
@@ -37,7 +41,7 @@ QDQ_TYPES = {
     np.dtype(np.int16): ("int16_t", -32768, 32767),
     np.dtype(np.uint16): ("uint16_t", 0, 65535),
 }
-_TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16"}
+_TAG = {"int8_t": "s8", "uint8_t": "u8", "int16_t": "s16", "float": "f32"}
 
 
 def quantize_multiplier(m: float) -> tuple[int, int]:
@@ -149,22 +153,29 @@ class DequantizeLinear(Op):
 
 # -- integer kernels (created by lower_qdq only) ---------------------------------------------
 def _qargs(cg, e) -> str:
+    """The output-stage arguments (:func:`.csrc_int8.output_args`) of an integer kernel."""
+    if e["yt"] == "float":
+        sc = cg.weight(e["sc"], "dequant_scale")
+        fb = cg.weight(e["fb"], "bias_float") if e.get("fb") is not None else "0"
+        return f"{e['zx']}, {sc}, {fb}"
     qm = cg.weight(e["qm"], "requant_multiplier")
     qs = cg.weight(e["qs"], "requant_shift")
     return f"{e['zx']}, {qm}, {qs}, {e['zy']}, {e['qmin']}, {e['qmax']}"
 
 
-def _helpers(cg, requant: bool = True) -> None:
+def _helpers(cg, requant: bool = True, yt: str = "int8_t") -> None:
+    """The helpers of an integer kernel; ``requant``: it calls the output stage for ``yt``
+    (``gp_requant_clamp``, or ``gp_dequant_acc`` for a float output)."""
     cg.helper("div", csrc_float.DIV)
     cg.helper("nounroll", conv_fast.NOUNROLL)
     if requant:  # a static function no kernel calls would trip -Wunused-function
-        cg.helper("requant", csrc_int8.REQUANT)
+        cg.helper(*csrc_int8.output_helper(yt))
 
 
 def _kernel(cg, e, kind: str, template: str) -> str:
     """Emit ``template`` (a :mod:`.csrc_int8` kernel) specialised to the node's C types
     (``xt``, ``wt`` when it has weights, ``yt``) once; returns its name ``gp_<kind>_<tag>``."""
-    _helpers(cg)
+    _helpers(cg, True, e["yt"])
     tag = "".join(_TAG[e[k]] for k in ("xt", "wt", "yt") if k in e)
     code = csrc_int8.specialise(template, tag, e["xt"], e["yt"], e.get("wt", "int8_t"))
     cg.helper(f"{kind}_{tag}", code)
@@ -172,9 +183,16 @@ def _kernel(cg, e, kind: str, template: str) -> str:
 
 
 class QConv(Op):
+    inplace = (0,)  # the depthwise kernel only: conv_dw.may_overwrite
+
+    def inplace_ok(self, node, k, cg_tensors):
+        return conv_dw.may_overwrite(node, k, cg_tensors)
+
     def prepare(self, node, tensors, sparse_ok):
+        """``QConv_i8`` requantises to int8/uint8; ``QConvFloat_i8`` (no QuantizeLinear after
+        the conv) scales to float by ``sx * sw[m]``, in the generic or the sparse kernel."""
         e = node.extra
-        if sparse_ok and sparse.best(e["w"]) is not None:
+        if (sparse_ok and sparse.best(e["w"]) is not None) or e["yt"] == "float":
             return
         geo = e["geo"]
         # both sum small integers in float (exact: csrc_int8.f32_exact)
@@ -188,7 +206,7 @@ class QConv(Op):
         geo: ConvGeometry = e["geo"]
         kernel = e.get("kernel")
         # the depthwise and GEMM int8 kernels requantise rows (gp_requant_row)
-        _helpers(cg, kernel not in ("depthwise", "int8-gemm"))
+        _helpers(cg, kernel not in ("depthwise", "int8-gemm"), e["yt"])
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
         q = _qargs(cg, e)
         x, y = cg.ptr(node.inputs[0]), cg.ptr(node.outputs[0])
@@ -212,6 +230,12 @@ class QConv(Op):
 
 
 class QFc(Op):
+    """``y[rows][N] = x[rows][K] W^T``: int32 accumulation of ``(x - zx) * w`` (plus an int32
+    bias), requantised to int8/uint8 (``QFc_i8``) or, when the result stays float
+    (``QFcFloat_i8``: ORT's QGemm with float output), ``float(acc) * (sx * sw[n])`` plus a
+    float bias if there is one (:func:`.csrc_int8.output_stage`). The weights stay integers
+    in every kernel: dense (``gp_q8fc``, or the generic ``gp_qfc``) or sparse."""
+
     def prepare(self, node, tensors, sparse_ok):
         e = node.extra
         if sparse_ok and sparse.best(e["w"]) is not None:
@@ -222,7 +246,7 @@ class QFc(Op):
 
     def emit(self, node, cg):
         e = node.extra
-        _helpers(cg)
+        _helpers(cg, True, e["yt"])
         xt, yt, wt = e["xt"], e["yt"], e["wt"]
         w = e["w"]  # [N][K]
         bias = cg.weight(e["bias"], "fc_bias_int32") if e["bias"] is not None else "0"
@@ -288,6 +312,8 @@ INT8_OPS: dict[str, Op] = {
     "DequantizeLinear": DequantizeLinear(),
     "QConv_i8": QConv(),
     "QFc_i8": QFc(),
+    "QFcFloat_i8": QFc(),
+    "QConvFloat_i8": QConv(),
     "QAdd_i8": QAdd(),
     "QAvgPool_i8": QAvgPool(),
 }

@@ -4,6 +4,20 @@ Every rule matches ``DequantizeLinear`` producers (per-tensor scale and zero poi
 an op and one ``QuantizeLinear`` consumer (optionally after a Relu or a constant Clip, folded
 into the output clamp) and replaces the group by one node that reads and writes the integer
 tensors. Groups that match no rule stay on the float path. Dead nodes are dropped at the end.
+
+A Conv, Gemm or MatMul whose input is ``DequantizeLinear`` of an int8/uint8 activation and
+whose weight is ``DequantizeLinear`` of an int8/uint8 constant, but whose output is *not*
+quantized again (a classifier's last layer), becomes ``QFcFloat_i8`` / ``QConvFloat_i8``:
+integer weights, int32 accumulation of ``(x - zx) * (w - zw)`` plus an int32 bias, then
+``y = float(acc) * (sx * sw[n])`` (the float32 product of the scales) plus a float bias, if
+the bias is not int32: what ORT's QGemm with float output (and MatMulIntegerToFloat)
+computes. An int32 bias is ``DequantizeLinear`` of int32 with zero point 0 and scale
+``sx * sw[n]`` (to 2^-22 relative; ORT adds such a bias to the accumulator as is); any other
+constant bias is added in float. A 1x1 conv over a 1x1 image (after a global pool) lowers as
+a fully-connected layer. A group of this shape that cannot be computed exactly this way
+(weights quantized along the reduction axis or to other types, Gemm ``alpha``/``beta``/
+``transA``, a bias that is not constant or not per output, a possible int32 overflow) stays
+float; its reason is logged and kept in ``Program.notes``.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from .conv_q8 import fits_int32
 from .ir import Node, Program, Tensor, Unsupported
 from .kernels_int8 import QTYPES, _multipliers, quantize_multiplier
 
@@ -200,10 +215,12 @@ def _conv(prog, node, prod, cons):
     if src is None or w.qinfo is None:
         return False
     sink = _sink(prog, cons, node.outputs[0])
-    if sink is None:
-        return False
     m = w.shape[0]
     iw = _int_weights(w.qinfo, m, 0)
+    if sink is None:
+        if iw is None:
+            return _stays_float(prog, node, _weights_why(w.qinfo, 0))
+        return _conv_float(prog, node, src, iw)
     if iw is None:
         return False
     warr, sw, wt = iw
@@ -216,37 +233,120 @@ def _conv(prog, node, prod, cons):
 def _fc(prog, node, prod, cons):
     src = _src(prog, prod, node.inputs[0])
     b = prog.t(node.inputs[1])
-    if src is None or b.qinfo is None or len(b.shape) != 2:
+    if src is None or b.qinfo is None:
         return False
+    sink = _sink(prog, cons, node.outputs[0])
+    why = None
     c_name = ""
-    if node.op == "Gemm":
+    if len(b.shape) != 2:
+        why = f"a weight of rank {len(b.shape)}"
+    elif node.op == "Gemm":
         if (
             int(node.attr("transA", 0))
             or float(node.attr("alpha", 1.0)) != 1.0
             or (len(node.inputs) > 2 and node.inputs[2] and float(node.attr("beta", 1.0)) != 1.0)
         ):
-            return False
+            why = "Gemm with transA, alpha != 1 or beta != 1"
         c_name = node.inputs[2] if len(node.inputs) > 2 else ""
-        trans_b = int(node.attr("transB", 0))
-    else:
-        trans_b = 0
-    sink = _sink(prog, cons, node.outputs[0])
-    if sink is None:
-        return False
-    n = b.shape[0] if trans_b else b.shape[1]
-    iw = _int_weights(b.qinfo, n, 0 if trans_b else 1)
+    trans_b = int(node.attr("transB", 0)) if node.op == "Gemm" else 0
+    n = b.shape[-1 - trans_b] if len(b.shape) == 2 else 0
+    iw = None if why else _int_weights(b.qinfo, n, 0 if trans_b else 1)
     if iw is None:
+        why = why or _weights_why(b.qinfo, 0 if trans_b else 1)
+    elif c_name and prog.t(c_name).size not in (1, n):
+        why = f"a bias of shape {list(prog.t(c_name).shape)}"
+    if sink is None:
+        return _stays_float(prog, node, why) if why else _fc_float(prog, node, src, iw, trans_b)
+    if why:
         return False
     warr, sw, wt = iw
     if not trans_b:
         warr = np.ascontiguousarray(warr.T)
-    if c_name and prog.t(c_name).size not in (1, n):
-        return False
     sx, sy = src[1], sink[2]
     x = prog.t(node.inputs[0])
     bias = _int_bias(prog, c_name, sx * sw)
     fields = dict(w=warr, bias=bias, wt=wt, rows=x.size // x.shape[-1])
     return _lower(prog, node, "QFc_i8", [src[0]], src, sink, sx * sw / sy, **fields)
+
+
+# -- int8 layers whose output stays float --------------------------------------------------
+def _weights_why(qi, axis: int) -> str:
+    q = np.asarray(qi["q"])
+    if q.dtype not in QTYPES:
+        return f"{q.dtype} weights (int8 and uint8 supported)"
+    return f"weights quantized per channel along axis {qi['axis']} (needs {axis}: per output)"
+
+
+def _stays_float(prog, node, why: str) -> bool:
+    """Record why an int8 layer with float output keeps the float path; never a match."""
+    note = f"{node.describe()} stays float (its weights stored as float32): {why}"
+    if note not in prog.notes:
+        prog.notes.append(note)
+        log.warning("%s", note)
+    return False
+
+
+def _float_bias(prog, name, sx, sw, n):
+    """(int32 bias added to the accumulator, float bias added after scaling): at most one."""
+    if not name:
+        return None, None
+    t = prog.t(name)
+    if t.value is None:
+        raise Unsupported("the bias is not a constant")
+    qi = t.qinfo
+    if qi is not None and np.asarray(qi["q"]).dtype == np.int32 and not np.any(qi["zp"]):
+        s = np.broadcast_to(np.asarray(qi["scale"], np.float64).reshape(-1), (n,))
+        q = np.broadcast_to(np.asarray(qi["q"]).reshape(-1), (n,))
+        acc_scale = (np.float32(sx) * sw.astype(np.float32)).astype(np.float64)
+        if np.all(np.abs(s - acc_scale) <= 2.0**-22 * acc_scale):  # to a float32 ulp or two
+            return np.ascontiguousarray(q, np.int32), None
+    fb = np.broadcast_to(np.asarray(t.value, np.float32).reshape(-1), (n,))
+    return None, np.ascontiguousarray(fb)
+
+
+def _float_out(prog, node, op, src, warr, sw, wt, bias_name, rows=None, geo=None):
+    """Replace ``node`` by ``op`` (``QFcFloat_i8`` or ``QConvFloat_i8``) reading the integer
+    input and writing ``node``'s float output."""
+    xq, sx, zx, xdt = src
+    n = warr.shape[0]
+    try:
+        bias, fb = _float_bias(prog, bias_name, sx, sw, n)
+    except Unsupported as e:
+        return _stays_float(prog, node, str(e))
+    if not fits_int32(warr, bias):
+        return _stays_float(prog, node, "int32 accumulation could overflow")
+    sc = np.float32(sx) * sw.astype(np.float32)  # ORT: a_scale * b_scale[n] in float32
+    extra = dict(
+        zx=zx, xt=QTYPES[xdt][0], yt="float", wt=wt, w=warr, bias=bias, fb=fb, sc=sc, fused=None
+    )
+    if rows is not None:
+        extra["rows"] = rows
+    if geo is not None:
+        extra["geo"] = geo
+    new = Node(op, node.name, [xq], [node.outputs[0]], node.attrs, node.opset, extra)
+    _replace(prog, node, new, [])
+    return True
+
+
+def _fc_float(prog, node, src, iw, trans_b) -> bool:
+    warr, sw, wt = iw
+    if not trans_b:
+        warr = np.ascontiguousarray(warr.T)
+    x = prog.t(node.inputs[0])
+    c_name = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else ""
+    rows = x.size // x.shape[-1]
+    return _float_out(prog, node, "QFcFloat_i8", src, warr, sw, wt, c_name, rows=rows)
+
+
+def _conv_float(prog, node, src, iw) -> bool:
+    warr, sw, wt = iw
+    geo = node.extra["geo"]
+    b_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    one = geo.KH == geo.KW == geo.H == geo.W == geo.OH == geo.OW == 1 and geo.ph == geo.pw == 0
+    if one and geo.G == 1:  # a classifier after a global pool: a fully-connected layer
+        w2 = np.ascontiguousarray(warr.reshape(geo.M, geo.C))
+        return _float_out(prog, node, "QFcFloat_i8", src, w2, sw, wt, b_name, rows=geo.N)
+    return _float_out(prog, node, "QConvFloat_i8", src, warr, sw, wt, b_name, geo=geo)
 
 
 def _add(prog, node, prod, cons):

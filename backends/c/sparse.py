@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .csrc_int8 import output_args, output_stage
 from .opbase import ConvGeometry
 
 #: a layer is stored sparse only if at least this fraction of its weights are zero
@@ -182,7 +183,6 @@ static void gp_spfc_NAME(const XT *x, const WT *v, const uint8_t *d, long nent, 
 """
 
 _FLOAT = {"XT": "float", "WT": "float", "YT": "float", "BT": "float", "AT": "float", "QARGS": ""}
-_QARGS = ",\n  int zx, const int32_t *qm, const int32_t *qs, int zy, int qmin, int qmax"
 
 
 def _render(
@@ -190,7 +190,8 @@ def _render(
 ) -> str:
     """Specialise a kernel template: types, gap width, kernel size, and how an input value is
     read (``XV``) and an accumulator written (``OUT``): as is for float; minus the input zero
-    point, and requantised, for int8."""
+    point, then requantised (int8/uint8 output) or scaled to float (an int8 layer with float
+    output), by :func:`.csrc_int8.output_stage`, for int8."""
     code = template.replace("NAME", name).replace("GAP(", f"GP_GAP{bits}(")
     code = code.replace("GP_SP_ROW(GAP,", f"GP_SP_ROW(GP_GAP{bits},")
     if kh is not None:
@@ -201,13 +202,10 @@ def _render(
         code = re.sub(r"OUT\(([^,]+), (\w+)\)", r"\1", code)
     else:
         xt, wt, yt = types
-        subst = {"XT": xt, "WT": wt, "YT": yt, "BT": "int32_t", "AT": "int32_t", "QARGS": _QARGS}
+        qargs = ",\n  " + output_args(yt)
+        subst = {"XT": xt, "WT": wt, "YT": yt, "BT": "int32_t", "AT": "int32_t", "QARGS": qargs}
         code = re.sub(r"XV\(([^;]*?\])\)", r"((int32_t)\1 - zx)", code)
-        code = re.sub(
-            r"OUT\(([^,]+), (\w+)\)",
-            rf"({yt})gp_requant_clamp(\1, qm[\2], qs[\2], zy, qmin, qmax)",
-            code,
-        )
+        code = output_stage(code.replace(" QARGS", qargs), yt)
     code = code.replace(" QARGS", subst["QARGS"])
     for k in ("XT", "WT", "YT", "BT", "AT"):
         code = code.replace(k, subst[k])

@@ -92,3 +92,54 @@ def test_plans_of_hypothesis_like_chains_are_valid():
         )
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
         _check(plan(compile_program(model), OPS))
+
+
+def _dw_chain():
+    """pointwise -> depthwise 3x3 stride 2 (pads 1) -> pointwise -> depthwise 5x5 stride 1."""
+    rng = np.random.default_rng(2)
+
+    def w(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"]),
+        helper.make_node("Conv", ["a", "w1"], ["b"], group=8, strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "w2"], ["c"]),
+        helper.make_node("Conv", ["c", "w3"], ["d"], group=8, pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["d", "w4"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "dw_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            w("w0", (8, 4, 1, 1)),
+            w("w1", (8, 1, 3, 3)),
+            w("w2", (8, 8, 1, 1)),
+            w("w3", (8, 1, 5, 5)),
+            w("w4", (4, 8, 1, 1)),
+        ],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_depthwise_conv_writes_over_its_dying_input():
+    prog = compile_program(_dw_chain())
+    for node in prog.nodes:
+        OPS[node.op].prepare(node, prog.tensors, False)
+    assert [n.extra.get("kernel") for n in prog.nodes].count("depthwise") == 2
+    p = plan(prog, OPS)
+    _check(p)
+    # both depthwise convs (stride 2 over a 9x9 input, and stride 1 with 5x5 taps) reuse
+    # their input's buffer; the pointwise convs do not
+    assert p.where["b"] == p.where["a"] and p.where["d"] == p.where["c"]
+    assert p.where["c"] != p.where["b"]
+    layerwise = plan(prog, OPS, kernels_inplace=False)
+    _check(layerwise)
+    assert layerwise.where["b"] != layerwise.where["a"]
+    assert p.inplace == layerwise.inplace + 2
+    # the peak without in-place is a (8x9x9) + b (8x5x5) + the depthwise scratch; in place,
+    # b lives in a's buffer
+    assert p.lower_bound < layerwise.lower_bound
+    assert layerwise.lower_bound - p.lower_bound >= 4 * 8 * 5 * 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -25,6 +26,10 @@ class CodeGen:
         self.sparse = True  # store weights sparse where that is smaller (see sparse.py)
         self.sparse_layers: list[dict] = []
         self.step = -1  # the node being emitted
+        # the clones of one node over patches (patches.py) share its weights: node name ->
+        # {array key: symbol}
+        self.shared: dict[str, dict[tuple, str]] = {}
+        self._share: str | None = None
 
     # -- EmitContext ----------------------------------------------------------------------
     def t(self, name):
@@ -45,8 +50,17 @@ class CodeGen:
 
     def weight(self, arr: np.ndarray, hint: str) -> str:
         arr = np.asarray(arr)
+        key = None
+        if self._share is not None:
+            digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+            key = (arr.dtype.str, arr.shape, digest)
+            known = self.shared.setdefault(self._share, {}).get(key)
+            if known is not None:
+                return known
         sym = f"{self.name}_w{len(self.weights)}"
         self.weights.append((sym, C_TYPES[arr.dtype], arr, hint))
+        if key is not None:
+            self.shared[self._share][key] = sym
         return sym
 
     def helper(self, key: str, code: str) -> None:
@@ -68,7 +82,9 @@ class CodeGen:
             fused = node.extra.get("fused")
             title = f"{node.op} {node.name!r}" + (f" + {fused}" if fused else "")
             self.step = step
+            self._share = node.extra.get("patch_of")
             code = op.emit(node, self)
+            self._share = None
             parts.append(
                 f"  /* {step}: {_comment(title)} */\n  GP_PROF({step}, 0);\n  {{\n"
                 + _indent(code)

@@ -16,6 +16,12 @@ padding) and ``sum_taps w * xpad`` is summed in float, exactly (integers below 2
 ``csrc_int8.f32_exact`` is checked before this kernel is chosen), at the float kernel's speed;
 ``b + (int32)sum`` for the whole channel goes to scratch after the plane and is requantised
 at once by ``gp_requant_row``: the generic kernel's integers, so bit-exact with it.
+
+In place: a channel's plane is copied whole into scratch before any output of that channel is
+written, and output channel ``c`` ends where input channel ``c + 1`` begins or before it (when
+``OH * OW * sizeof(y) <= H * W * sizeof(x)``), so the output may overwrite an input that dies
+at this node (:func:`may_overwrite`: stride and padding may differ), with the one-channel
+scratch as the only extra memory (TinyEngine's in-place depthwise convolution).
 """
 
 from __future__ import annotations
@@ -93,6 +99,17 @@ GP_NOINLINE static void gp_dw_@SFX@(const @XT@ *x, const @WT@ *w, const @BT@ *b,
 def applicable(geo: ConvGeometry) -> bool:
     """One input and one output channel per group."""
     return geo.depthwise
+
+
+def may_overwrite(node, k: int, tensors) -> bool:
+    """Whether the depthwise kernel chosen for ``node`` may write its output over input ``k``
+    (see the module docstring): input 0, one output channel no longer than one input
+    channel."""
+    if k != 0 or node.extra.get("kernel") != "depthwise":
+        return False
+    geo: ConvGeometry = node.extra["geo"]
+    x, y = tensors[node.inputs[0]], tensors[node.outputs[0]]
+    return geo.OH * geo.OW * y.dtype.itemsize <= geo.H * geo.W * x.dtype.itemsize
 
 
 def _padded(geo: ConvGeometry) -> tuple[int, int]:

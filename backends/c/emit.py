@@ -24,6 +24,8 @@ from .kernels_int8 import INT8_OPS
 from .kernels_math import MATH_OPS
 from .kernels_pool import POOL_OPS
 from .kernels_transformer import TRANSFORMER_OPS
+from .patches import PATCH_OPS
+from .patches import choose as choose_patches
 from .qdq_lower import lower_qdq
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ def emit(
     name: str = "model",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     sparse: bool = True,
+    patches: int | None = None,
+    ram_budget: int | None = None,
 ) -> dict[str, Any]:
     """Write ``<name>.h``, ``<name>.c``, ``<name>_weights.c`` and ``report.json`` to
     ``out_dir`` and return the report.
@@ -119,18 +123,43 @@ def emit(
     conv or fully-connected layer whose constant weights are mostly zero is stored as a
     relative-index stream when that is smaller than dense (:mod:`.sparse`); the report lists
     those layers.
+
+    ``patches=N`` runs the first stages of the network on an ``N x N`` grid of patches of a
+    cut tensor the planner chooses (the smallest arena, :mod:`.patches`), so their large
+    activations never exist in full; ``ram_budget=BYTES`` chooses the grid and the cut that
+    keep the arena within ``BYTES`` with the least recomputation (no patches if the plain plan
+    fits). Either raises a :class:`~graphopt.errors.BackendError` naming the option when no
+    cut exists or the budget cannot be met. The report's ``memory`` gives the arena
+    layer by layer, with in-place kernels, and as emitted; ``patches`` the cut, the grid and
+    the recompute overhead.
     """
     if not _NAME.match(name):
         raise BackendError(f"name {name!r} is not a C identifier")
     prog = compile_program(onnx_model_or_path, input_shapes)
     for node in prog.nodes:
         OPS[node.op].prepare(node, prog.tensors, sparse)
-    plan = planner.plan(prog, OPS)
-    cg = CodeGen(prog, plan, name, OPS)
+    ops, run = OPS, prog
+    layerwise = planner.plan(prog, OPS, kernels_inplace=False).arena_bytes
+    patched = None
+    if patches is not None or ram_budget is not None:
+        patched, _ = choose_patches(prog, OPS, patches, ram_budget, sparse)
+        if patched is not None:
+            ops, run = {**OPS, **PATCH_OPS}, patched.prog
+    plan = planner.plan(run, ops)
+    cg = CodeGen(run, plan, name, ops)
     cg.sparse = sparse
     src, weights = cg.source(plan.arena_bytes)
     header = cg.header(plan.arena_bytes)
     report = _report(prog, plan, cg, name, onnx_model_or_path)
+    report["memory"] = {
+        "arena_layer_by_layer_bytes": layerwise,
+        "arena_in_place_bytes": (
+            patched.info["arena_unpatched_bytes"] if patched else plan.arena_bytes
+        ),
+        "arena_bytes": plan.arena_bytes,
+        "activations_peak_bytes": plan.activations,
+    }
+    report["patches"] = patched.info if patched is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / f"{name}.h", header)
@@ -178,4 +207,5 @@ def _report(prog, plan, cg, name, source) -> dict[str, Any]:
         "buffers": len(plan.buffers),
         "in_place_ops": plan.inplace,
         "views": plan.aliased,
+        "notes": list(prog.notes),  # lowering decisions, e.g. a layer kept in float and why
     }

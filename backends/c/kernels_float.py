@@ -236,6 +236,11 @@ class BatchNorm(Op):
 
 # -- convolution, gemm, matmul ---------------------------------------------------------------
 class Conv(Op):
+    inplace = (0,)  # the depthwise kernel only: conv_dw.may_overwrite
+
+    def inplace_ok(self, node, k, cg_tensors):
+        return conv_dw.may_overwrite(node, k, cg_tensors)
+
     def infer(self, node, ins):
         x, w, b = need(ins, 0, "X"), need(ins, 1, "W"), opt(ins, 2)
         float_only(node, x, w, b)

@@ -7,7 +7,11 @@ Storage:
 - constants are ``const`` arrays in flash;
 - every other tensor lives in a *buffer* in the arena. A view op (Reshape, Flatten, Squeeze,
   Unsqueeze, Identity) puts its output in its input's buffer; an element-wise op whose input
-  dies at that node may write its output over that input (``Op.inplace``);
+  dies at that node may write its output over that input (``Op.inplace``), and so may a
+  kernel that reads each part of its input before writing over it, into an output no larger
+  than that input (``Op.inplace_ok``: the depthwise conv, whatever its stride and padding,
+  :func:`.conv_dw.may_overwrite`); with ``kernels_inplace=False`` only ops without a kernel
+  choice (element-wise) reuse their input: the layer-by-layer plan;
 - the working memory a kernel asks for (``node.extra["scratch"]`` bytes: a padded plane, an
   im2col tile) is a buffer too, live during that node's step only.
 
@@ -57,9 +61,10 @@ class Plan:
     inplace: int = 0
     aliased: int = 0
     scratch: dict[int, int] = field(default_factory=dict)  # step -> byte offset
+    activations: int = 0  # the largest sum of live tensor buffers at one step (no scratch)
 
 
-def plan(prog: Program, ops: dict) -> Plan:
+def plan(prog: Program, ops: dict, kernels_inplace: bool = True) -> Plan:
     """Assign storage to every tensor of ``prog`` (nodes already in schedule order)."""
     t = prog.tensors
     where: dict[str, tuple[str, int | None]] = {}
@@ -109,7 +114,7 @@ def plan(prog: Program, ops: dict) -> Plan:
                 n_alias += 1
                 continue
             reused = None
-            if j == 0:
+            if j == 0 and (kernels_inplace or "kernel" not in node.extra):
                 for k in op.inplace:
                     if k >= len(node.inputs) or node.inputs[k] not in buf_of:
                         continue
@@ -117,7 +122,7 @@ def plan(prog: Program, ops: dict) -> Plan:
                     others = [i for i in node.inputs if i and i != node.inputs[k]]
                     if (
                         buffer_last(b) == step
-                        and t[node.inputs[k]].nbytes == t[out].nbytes
+                        and t[out].nbytes <= b.nbytes
                         and op.inplace_ok(node, k, t)
                         and not any(buf_of.get(i) is b for i in others)
                     ):
@@ -141,9 +146,11 @@ def plan(prog: Program, ops: dict) -> Plan:
             buffers.append(scratch_of[step])
     end = len(prog.nodes)
 
-    lower = 0
+    lower = activations = 0
     for step in range(end + 1):
-        lower = max(lower, sum(b.nbytes for b in buffers if b.first <= step <= b.last))
+        live = [b for b in buffers if b.first <= step <= b.last]
+        lower = max(lower, sum(b.nbytes for b in live))
+        activations = max(activations, sum(b.nbytes for b in live if b.tensors))
 
     best = None
     for key in (lambda b: (-b.padded, b.first), lambda b: (-(b.last - b.first), -b.padded)):
@@ -164,7 +171,7 @@ def plan(prog: Program, ops: dict) -> Plan:
         n_alias,
     )
     scratch = {step: b.offset for step, b in scratch_of.items()}
-    return Plan(where, buffers, best[1], lower, copies, n_inplace, n_alias, scratch)
+    return Plan(where, buffers, best[1], lower, copies, n_inplace, n_alias, scratch, activations)
 
 
 def _greedy(buffers: list[Buffer], key) -> tuple[dict[int, int], int]:

@@ -295,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIMS",
         help="static shape for an input with symbolic dimensions, e.g. input=1,3,32,32",
     )
+    p.add_argument(
+        "--patches",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run the first stages on N x N spatial patches (less RAM, some recompute)",
+    )
+    p.add_argument(
+        "--ram-budget",
+        type=_positive_int,
+        default=None,
+        metavar="BYTES",
+        help="choose patches and cut so that the arena fits in BYTES",
+    )
     p.set_defaults(func=cmd_emit_c)
 
     p = sub.add_parser("passes", parents=[common], help="list every pass with its options")

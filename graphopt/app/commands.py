@@ -178,13 +178,27 @@ def cmd_emit_c(args: argparse.Namespace) -> int:
             raise UsageError(f"--input-shape {item!r}: expected NAME=1,3,32,32") from None
     check_onnx_shapes(path, shapes)
     with staged_outputs(Path(args.out)) as stage:
-        report = emit(path, stage, name=args.name, input_shapes=shapes or None)
+        report = emit(
+            path,
+            stage,
+            name=args.name,
+            input_shapes=shapes or None,
+            patches=args.patches,
+            ram_budget=args.ram_budget,
+        )
     ops = ", ".join(f"{k} {v}" for k, v in sorted(report.get("op_counts", {}).items()))
     echo(f"{args.name}: {ops}")
     echo(
         f"weights {report['weight_bytes']:,} bytes, arena {report['arena_bytes']:,} bytes "
         f"(lower bound {report['arena_lower_bound_bytes']:,})"
     )
+    if report.get("patches"):
+        p = report["patches"]
+        echo(
+            f"patches {p['grid'][0]}x{p['grid'][1]} up to {p['cut_tensor']!r}: arena "
+            f"{p['arena_unpatched_bytes']:,} -> {report['arena_bytes']:,} bytes, "
+            f"{p['recompute_pct']}% more MACs"
+        )
     echo(f"wrote {args.name}.h, {args.name}.c, {args.name}_weights.c, report.json to {args.out}")
     return 0
 

@@ -297,3 +297,82 @@ def fuse_transformer(
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     log.info("ORT transformer fusions on %s: %s", src, fused or "none matched")
     return fused
+
+
+def ort_quantize_static(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    samples: Sequence[Any],
+    *,
+    per_channel: bool = True,
+    activation: Any = "int8",
+    weight: Any = "int8",
+    method: str = "minmax",
+    pre_process: bool = False,
+    extra_options: dict[str, Any] | None = None,
+) -> Path:
+    """Quantize the ONNX file ``src`` with ONNX Runtime's own ``quantize_static`` (QDQ format)
+    and write it atomically to ``dst``: the peer that ``qdq`` is measured against, and a
+    source of QDQ models graphopt did not write (the C backend must read them too).
+
+    ``samples``: calibration inputs, each an array (or tensor) for the model's first input or
+    a dict input name -> array. ``activation`` / ``weight``: ``"int8"``, ``"uint8"`` or an ORT
+    ``QuantType``; ``method``: ``minmax``, ``percentile`` or ``entropy``; ``pre_process``
+    runs ORT's ``quant_pre_process`` first, as its documentation recommends."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise BackendError(f"ort_quantize_static: method must be one of {sorted(methods)}")
+    src = Path(src)
+    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    feeds = [
+        {k: _as_numpy(v) for k, v in s.items()} if isinstance(s, dict) else {name: _as_numpy(s)}
+        for s in samples
+    ]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    with atomic_path(dst, suffix=".onnx") as tmp:
+        model = src
+        if pre_process:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            model = Path(tmp).with_name(Path(tmp).stem + ".pre.onnx")
+            try:
+                quant_pre_process(str(src), str(model))
+            except Exception as e:  # depends on the ORT version and the model
+                log.warning("quant_pre_process failed (%s); quantizing %s as is", e, src)
+                model = src
+        try:
+            quantize_static(
+                str(model),
+                str(tmp),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=types.get(activation, activation),
+                weight_type=types.get(weight, weight),
+                calibrate_method=methods[method],
+                extra_options=extra_options or {},
+            )
+        finally:
+            if model != src:
+                model.unlink(missing_ok=True)
+    return Path(dst)

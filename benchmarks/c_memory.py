@@ -33,14 +33,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 import graphopt
 from graphopt.backends.c import emit, planner
 from graphopt.backends.c.build import CModel, compile_shared, find_compiler
-from graphopt.backends.onnxruntime import export
+from graphopt.backends.onnxruntime import export, ort_quantize_static
 from graphopt.table import render
 
 FLAGS = ("-O3", "-march=native")
@@ -116,38 +115,12 @@ def _models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
 
 def _int8(model: nn.Module, shape, root: Path, stem: str) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     model.eval()
     path = root / f"{stem}.onnx"
     export(graphopt.trace(model, (torch.randn(shape),)), path, dynamic_batch=False)
-    name = ort.InferenceSession(str(path)).get_inputs()[0].name
     rng = np.random.default_rng(0)
-    calib = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(32)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    dst = root / f"{stem}_int8.onnx"
-    quantize_static(
-        str(path),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return dst
+    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(32)]
+    return ort_quantize_static(path, root / f"{stem}_int8.onnx", calib)
 
 
 @contextlib.contextmanager

@@ -439,3 +439,19 @@ def test_ort_transformer_fusions_keep_parity(tmp_path):
     assert gort.check_parity(graph, tmp_path / "fused.onnx", rtol=1e-4)["ok"]
     with pytest.raises(graphopt.BackendError, match="transformer optimizer failed"):
         gort.fuse_transformer(tmp_path / "missing.onnx", tmp_path / "x.onnx", 4, 32)
+
+
+def test_ort_quantize_static_writes_a_qdq_model_atomically(small, tmp_path):
+    graph, src = small
+    x = torch.randn(2, 3, 16, 16)
+    samples = [torch.randn_like(x) for _ in range(4)]
+    dst = gort.ort_quantize_static(src, tmp_path / "q.onnx", samples, method="percentile")
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]  # no temporary files left
+    (y,) = gort.run(dst, x)
+    (want,) = gort.run(src, x)
+    assert np.corrcoef(y.ravel(), want.ravel())[0, 1] > 0.9
+    with pytest.raises(gort.BackendError, match="method must be one of"):
+        gort.ort_quantize_static(src, tmp_path / "bad.onnx", samples, method="median")
+    assert not (tmp_path / "bad.onnx").exists()

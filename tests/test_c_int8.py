@@ -27,7 +27,7 @@ import graphopt
 from graphopt.backends.c import build, emit
 from graphopt.backends.c.build import STRICT, find_compiler
 from graphopt.backends.c.kernels_int8 import quantize_multiplier
-from graphopt.backends.onnxruntime import export, session
+from graphopt.backends.onnxruntime import export, ort_quantize_static, session
 from graphopt.cpu import cpu_int8
 from graphopt.zoo.digits import load_digits_data
 from graphopt.zoo.models import load_model
@@ -49,32 +49,10 @@ def float_vgg(tmp_path_factory):
 
 
 def _quantize(src, dst, digits, activation):
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     xs = digits.x_train.numpy()[:256]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": xs[i : i + 1]} for i in range(len(xs))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=activation,
-        weight_type=QuantType.QInt8,
+    return ort_quantize_static(
+        src, dst, [xs[i : i + 1] for i in range(len(xs))], activation=activation
     )
-    return dst
 
 
 def _outputs(cm, sess, xs):
@@ -193,38 +171,13 @@ class _Tiny(torch.nn.Module):
 
 
 def _tiny_quantized(tmp_path):
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     torch.manual_seed(0)
     model = _Tiny().eval()
     x = torch.randn(1, 3, 12, 12)
     src = export(graphopt.trace(model, (x,)), tmp_path / "tiny.onnx", dynamic_batch=False)
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(24)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": v} for v in xs[:16]])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    dst = tmp_path / "tiny_q.onnx"
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return dst, xs
+    return ort_quantize_static(src, tmp_path / "tiny_q.onnx", xs[:16]), xs
 
 
 def test_int8_kernels_on_a_tiny_net(tmp_path):

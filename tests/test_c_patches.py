@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -23,7 +22,7 @@ from torch import nn
 import graphopt
 from graphopt.backends.c import OPS, compile_program, emit, patches, planner
 from graphopt.backends.c.build import CModel, compile_shared
-from graphopt.backends.onnxruntime import export
+from graphopt.backends.onnxruntime import export, ort_quantize_static
 from graphopt.errors import BackendError
 
 FLAGS = ("-O3", "-march=native")
@@ -88,36 +87,9 @@ def nets(tmp_path_factory):
     x = torch.randn(1, 3, 37, 43)
     path = root / "tiny.onnx"
     export(graphopt.trace(model, (x,)), path, dynamic_batch=False)
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    name = ort.InferenceSession(str(path)).get_inputs()[0].name
     rng = np.random.default_rng(0)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            shape = tuple(x.shape)
-            self.it = iter(
-                [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
-            )
-
-        def get_next(self):
-            return next(self.it, None)
-
-    q = root / "tiny_int8.onnx"
-    quantize_static(
-        str(path),
-        str(q),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
+    calib = [rng.standard_normal(tuple(x.shape)).astype(np.float32) for _ in range(8)]
+    q = ort_quantize_static(path, root / "tiny_int8.onnx", calib)
     return {"float": (path, x.numpy()), "int8": (q, x.numpy())}
 
 

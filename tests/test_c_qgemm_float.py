@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.backends.c import build, build_many, compile_program
-from graphopt.backends.onnxruntime import export, session
+from graphopt.backends.onnxruntime import export, ort_quantize_static, session
 from graphopt.cpu import cpu_int8
 
 from .test_c_depthwise import FLAGS, _both, _source
@@ -322,33 +322,13 @@ def test_graphopt_qdq_classifier(tmp_path):
 
 
 def _quantize_static(src, dst, per_channel):
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    xs = [x.numpy() for x in _calib(16, seed=1)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": v} for v in xs])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
+    return ort_quantize_static(
+        src,
+        dst,
+        _calib(16, seed=1),
         per_channel=per_channel,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
         extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]},
     )
-    return dst
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])

@@ -96,3 +96,33 @@ def test_attention_features_need_an_attention_call():
     g = graphopt.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4))
     with pytest.raises(OptionError, match="scaled_dot_product_attention"):
         attention_pairs(g, g)
+
+
+def test_auto_pairs_distil_hidden_states_through_adapters_after_hidden_pruning():
+    """After ``prune(units=hidden)`` the student's hidden states are narrower: ``features=auto``
+    pairs the LayerNorm outputs on the residual stream (TinyBERT's hidden-state loss) with a
+    learned projection to the teacher's width, and training lowers the loss."""
+    from graphopt.passes.distill.features import auto_pairs
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    g = graphopt.trace(model, {"input_ids": torch.randint(0, 99, (4, 16))})
+    teacher = g.copy()
+    data = [(torch.randint(0, 99, (8, 16)),) for _ in range(4)]
+    r = graphopt.Pipeline.parse("prune(ratio=0.5,units=hidden)").run(g)
+    student = r.graph
+    pairs = auto_pairs(student, teacher)
+    assert pairs and all("layer_norm" in p.student for p in pairs)
+    assert [p.student for p in pairs] == [p.teacher for p in pairs]
+    g = graphopt.trace(model, {"input_ids": torch.randint(0, 99, (4, 16))})
+    text = "prune(ratio=0.5,units=hidden),distill(epochs=3,features=auto)"
+    r = graphopt.Pipeline.parse(text).run(g, data=data)  # the teacher: the graph before prune
+    rep = r.reports[1].details
+    assert [f["student"] for f in rep["features"]] == [p.student for p in pairs]
+    assert all(f["adapter"] for f in rep["features"])  # 16 student channels -> 32
+    assert rep["loss_last"] < rep["loss_first"]
+    assert not any("adapter" in k for k in r.graph.module.state_dict())

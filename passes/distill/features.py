@@ -127,8 +127,10 @@ def _output_nodes(graph: Graph) -> set[str]:
 def auto_pairs(student: Graph, teacher: Graph, limit: int = 4) -> list[FeaturePair]:
     """Pair student and teacher module-call nodes by provenance and keep, for each spatial
     resolution (4-D and 5-D tensors), the last matched node before it changes; models without
-    such tensors get up to ``limit`` matched nodes evenly spaced in depth. Graph outputs are
-    never paired (the logits already are)."""
+    such tensors get up to ``limit`` matched nodes evenly spaced in depth. A pair may differ in
+    one dimension (pruned channels, or a transformer's pruned hidden width): a learned adapter
+    maps the student's width to the teacher's. Graph outputs are never paired (the logits
+    already are)."""
     s_keys, t_keys = _origin_keys(student), _origin_keys(teacher)
     excluded = _output_nodes(student)
     matched: list[tuple[fx.Node, fx.Node]] = []
@@ -139,8 +141,8 @@ def auto_pairs(student: Graph, teacher: Graph, limit: int = 4) -> list[FeaturePa
         s_shape, t_shape = node_meta(sn).shape, node_meta(tn).shape
         if s_shape is None or t_shape is None or len(s_shape) != len(t_shape) or len(s_shape) < 2:
             continue
-        if s_shape[0] != t_shape[0] or s_shape[2:] != t_shape[2:]:
-            continue  # only the channel dimension may differ
+        if s_shape[0] != t_shape[0] or sum(a != b for a, b in zip(s_shape, t_shape)) > 1:
+            continue  # one (channel) dimension may differ: dim 1 of an image, the last of tokens
         matched.append((sn, tn))
     spatial = [(s, t) for s, t in matched if len(node_meta(s).shape or ()) >= 4]
     chosen: list[tuple[fx.Node, fx.Node]] = []
@@ -151,11 +153,21 @@ def auto_pairs(student: Graph, teacher: Graph, limit: int = 4) -> list[FeaturePa
                 chosen.append((s, t))
         chosen = chosen[-limit:]
     elif matched:
-        step = max(1, len(matched) // limit)
-        chosen = matched[step - 1 :: step][-limit:]
+        # token models: the hidden states (outputs of the norms on the residual stream, as
+        # TinyBERT distils them) when there are any, else any module outputs
+        hidden = [(s, t) for s, t in matched if _is_norm(student, s)] or matched
+        step = max(1, len(hidden) // limit)
+        chosen = hidden[step - 1 :: step][-limit:]
     pairs = [FeaturePair(s.name, t.name) for s, t in chosen]
     log.info("distill: auto feature pairs %s", ", ".join(map(str, pairs)) or "(none)")
     return pairs
+
+
+def _is_norm(graph: Graph, node: fx.Node) -> bool:
+    """Whether ``node`` calls a LayerNorm / RMSNorm-like module (by type, or a class name
+    ending in ``Norm`` as Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    mod = graph.module.get_submodule(str(node.target))
+    return isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or type(mod).__name__.endswith("Norm")
 
 
 # -- attention projections (MiniLM) -------------------------------------------------------------

@@ -256,6 +256,16 @@ class _QuantWeighted(nn.Module):
             self.weight_int8, self.weight_scale_value, 0, -127, 127, torch.int8
         )
 
+    def dequantized_weight_t(self) -> torch.Tensor:
+        """The dequantized weight transposed (``[in, out]``), the transpose done on the int8
+        tensor so that the export holds a transposed int8 initializer."""
+        w = self.weight_int8.t()
+        if self.per_channel:
+            return qd.dequantize_per_channel(
+                w, self.weight_scale, self.weight_zero_point, 1, -127, 127, torch.int8
+            )
+        return qd.dequantize_per_tensor(w, self.weight_scale_value, 0, -127, 127, torch.int8)
+
     def dequantized_bias(self) -> torch.Tensor | None:
         if self.bias_int32 is None:
             return None
@@ -322,7 +332,14 @@ class QuantLinear(_QuantWeighted):
     """Linear with int8 weights and int32 bias (ORT: QGemm / QLinearMatMul)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.dequantized_bias())
+        if x.dim() == 2:  # exported as Gemm(transB=1): ORT's QGemm
+            return F.linear(x, self.dequantized_weight(), self.dequantized_bias())
+        # N-D: MatMul on the transposed int8 weight (per channel along axis 1), then the bias
+        # Add: ORT's MatMulIntegerToFloat (or QLinearMatMul without a bias), no Transpose
+        # between the weight's DequantizeLinear and the MatMul for ORT to move first
+        y = torch.matmul(x, self.dequantized_weight_t())
+        bias = self.dequantized_bias()
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         w = self.weight_int8

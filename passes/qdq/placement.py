@@ -6,9 +6,19 @@ weight is an int8 initializer behind a DequantizeLinear, the bias an int32 one, 
 only consumer is a QuantizeLinear. It first drops a Relu / Clip that feeds a QuantizeLinear
 whose representable range lies inside the activation's (zero point ``qmin`` for Relu). So:
 
-- a **unit** is a quantizable op (Conv, Linear on 2-D inputs, Add, Mul, MatMul, Concat,
-  average pooling) plus the clamping activation (ReLU, ReLU6, Hardtanh, clamp) that is its
-  only consumer; its activation inputs and its output are quantized, nothing in between;
+- a **unit** is a quantizable op (Conv, Linear, Add, Mul, MatMul, Concat, average pooling)
+  plus the clamping activation (ReLU, ReLU6, Hardtanh, clamp) that is its only consumer; its
+  activation inputs and its output are quantized, nothing in between. A Linear on a 2-D input
+  exports as Gemm (ORT: QGemm); on tokens ``[B, T, C]`` as MatMul on the int8 weight, then the
+  bias Add: ORT runs ``DQ -> MatMul`` as MatMulIntegerToFloat (int32 accumulation, float
+  output), the bias Add in float and the output's QuantizeLinear after it, which is what the
+  torch form computes (a bias-free MatMul with a Q after it becomes QLinearMatMul);
+- **attention scores** (a softmax's input, back through its scale and mask arithmetic) stay
+  float: the ``q kᵀ`` matmul keeps int8 inputs and writes float (MatMulIntegerToFloat) and the
+  softmax runs in float; its output is quantized for ``p v`` (QLinearMatMul). ORT would turn a
+  ``DQ -> Softmax -> Q`` group into QLinearSoftmax, whose table-based exp differs from float
+  softmax by a step on about a tenth of the probabilities, and that difference would grow
+  through the layers after it;
 - **pass-through** ops (max-pool, flatten, reshape/view, permute/transpose, squeeze) whose
   input is quantized get a pair with the *same* qparams after them (ORT drops such pairs
   and runs the op on int8); max-pool and reshapes only move values, so this is exact;
@@ -82,6 +92,7 @@ class Plan:
     float_ops: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     float_outputs: list[fx.Node] = field(default_factory=list)
+    float_output_reasons: dict[fx.Node, str] = field(default_factory=dict)
 
     def root(self, node: fx.Node) -> fx.Node | None:
         """The own-quantized value whose qparams ``node`` uses (``None`` if it is float)."""
@@ -100,9 +111,19 @@ _PASS_FUNCS = {
     torch.permute,
     torch.squeeze,
     torch.unsqueeze,
+    torch.unflatten,
     *MAX_POOL_FUNCS,
 }
-_PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze"}
+_PASS_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+}
 _ALIAS_FUNCS = DROPOUT_FUNCS
 _AVG_FUNCS = AVG_POOL_FUNCS
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -114,6 +135,23 @@ _CAT = {torch.cat, torch.concat}
 _HEAD_FUNCS = {torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.log_softmax, torch.tanh}
 _HEAD_MODULES = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Tanh)
 _HEAD_METHODS = {"sigmoid", "softmax", "log_softmax", "tanh"}
+
+
+# why the float ops of a transformer stay float (the report says it per node)
+_FLOAT_WHY = {
+    "layernorm": "in ORT: it normalises in float between a DequantizeLinear and the next "
+    "unit's QuantizeLinear",
+    "layer_norm": "in ORT: it normalises in float between a DequantizeLinear and the next "
+    "unit's QuantizeLinear",
+    "softmax": "that equals float softmax (ORT's QLinearSoftmax rounds a table exp a step "
+    "apart on about a tenth of the outputs); it runs in float on float scores",
+    "gelu": "in ORT (Erf / Gelu run in float); the next unit quantizes its output",
+}
+
+
+def _no_kernel(name: str, key: str | None = None) -> str:
+    why = _FLOAT_WHY.get((key or name).lower())
+    return f"{name} has no integer kernel" + (f" {why}" if why else "")
 
 
 def _is_float_tensor(node: Any) -> bool:
@@ -153,12 +191,8 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
             shape = node_meta(node.args[0]).shape if node.args else None
             if sites.get(str(node.target), 0) > 1:
                 return Kind("float", reason="linear module called at several places")
-            if shape is None or len(shape) != 2:
-                return Kind(
-                    "float",
-                    reason="linear on a non-2-D input lowers to MatMul + Add, which ORT "
-                    "cannot fuse into one integer kernel",
-                )
+            if shape is None or len(shape) < 2:
+                return Kind("float", reason="linear on a 1-D input")
             return Kind("linear")
         if t is nn.ReLU:
             return Kind("act", (0.0, INF))
@@ -180,7 +214,7 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
             return Kind("avgpool")
         if isinstance(mod, CONV_T):
             return Kind("float", reason="transposed convolution is not quantized yet")
-        return Kind("float", reason=f"{t.__name__} has no integer kernel")
+        return Kind("float", reason=_no_kernel(t.__name__))
     if node.op == "call_function":
         fn = node.target
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
@@ -222,7 +256,7 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
         if fn in _AVG_FUNCS:
             return Kind("avgpool")
         name = getattr(fn, "__name__", str(fn))
-        return Kind("float", reason=f"{name} has no integer kernel")
+        return Kind("float", reason=_no_kernel(name))
     if node.op == "call_method":
         m = str(node.target)
         if m in _PASS_METHODS:
@@ -237,7 +271,7 @@ def classify(node: fx.Node, gm: fx.GraphModule, sites: dict[str, int]) -> Kind:
         if m in ("add", "add_", "mul", "mul_") and len(node.args) == 2:
             if all(_is_float_tensor(a) for a in node.args) and not node.kwargs:
                 return Kind("add" if m.startswith("add") else "mul")
-        return Kind("float", reason=f"Tensor.{m} has no integer kernel")
+        return Kind("float", reason=_no_kernel(f"Tensor.{m}", m))
     return Kind("float", reason=node.op)
 
 
@@ -249,6 +283,41 @@ def _is_head(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _HEAD_MODULES)
     return False
+
+
+_SOFTMAX_FUNCS = {torch.softmax, F.softmax}
+_SCORE_FUNCS = {*_MUL, *_ADD, operator.truediv, torch.where, torch.masked_fill}
+_SCORE_METHODS = {"mul", "add", "div", "masked_fill", "masked_fill_"}
+
+
+def _is_softmax(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _SOFTMAX_FUNCS
+    if node.op == "call_method":
+        return str(node.target) == "softmax"
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Softmax)
+
+
+def softmax_inputs(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Attention scores: the value a softmax reads and, back through element-wise score
+    arithmetic used only there (scale, mask add, ``where``), the values before it, up to the
+    matmul that made them. They stay float: ORT turns ``DQ -> Softmax -> Q`` into QLinearSoftmax,
+    whose table-based exp differs from a float softmax by a step on about a tenth of the
+    probabilities (and int8 scores are the coarsest place to round); from a float input ORT
+    runs Softmax in float and the product before it as MatMulIntegerToFloat."""
+    out: dict[fx.Node, str] = {}
+    todo = [n.args[0] for n in gm.graph.nodes if _is_softmax(n, gm) and n.args]
+    while todo:
+        a = todo.pop()
+        if not isinstance(a, fx.Node) or a in out or len(a.users) != 1:
+            continue
+        out[a] = "attention scores: a softmax input stays float"
+        score_op = (a.op == "call_function" and a.target in _SCORE_FUNCS) or (
+            a.op == "call_method" and str(a.target) in _SCORE_METHODS
+        )
+        if score_op:
+            todo.extend(x for x in a.args if _is_float_tensor(x))
+    return out
 
 
 def feeds_only_outputs(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -292,6 +361,10 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
     """The quantization plan of ``gm`` (shapes and dtypes must be propagated)."""
     sites = call_sites(gm)
     kinds = {n: classify(n, gm, sites) for n in gm.graph.nodes}
+    scores = softmax_inputs(gm)
+    for n, why in scores.items():  # score arithmetic (a mask add) is no unit of its own
+        if kinds[n].kind in ("add", "mul", "act"):
+            kinds[n] = Kind("float", reason=why)
     result = Plan()
     output_values = set()
     for n in gm.graph.nodes:
@@ -339,11 +412,18 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
         float_out = (
             unit.kind in ("linear", "matmul")
             and unit.act is None
-            and feeds_only_outputs(unit.out, gm)
+            and (feeds_only_outputs(unit.out, gm) or unit.out in scores)
             and unit.out not in needed
         )
         if float_out:
             result.float_outputs.append(unit.out)
+            result.float_output_reasons[unit.out] = (
+                "model output: int8 inputs, float output (ORT: QGemm / "
+                "MatMulIntegerToFloat), no int8 step on the logits"
+                if feeds_only_outputs(unit.out, gm)
+                else "attention scores: int8 inputs, float output (ORT: MatMulIntegerToFloat) "
+                "for a float softmax"
+            )
         else:
             needed[unit.out] = unit.bounds
 

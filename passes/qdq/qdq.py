@@ -5,7 +5,10 @@ PTQ (``mode=ptq``, the default):
 
 1. plan (:mod:`graphopt.passes.qdq.placement`): fusion units (conv/linear/add/mul/matmul/concat/
    avg-pool plus a following ReLU/ReLU6/clamp), pass-through ops that share their input's
-   qparams, float ops left alone (listed in the report with the reason);
+   qparams, float ops left alone (listed in the report with the reason: LayerNorm, softmax,
+   GELU, ...). torch's transformer leaves and ``scaled_dot_product_attention`` are first spelled
+   out as Linear/matmul/softmax (:mod:`graphopt.passes.qdq.decompose`, exact; the report's
+   ``attention`` lists what was rewritten and what was kept, with the reason);
 2. calibrate (:mod:`graphopt.quant.observers`): an observer on every quantized value sees up to
    ``batches`` batches of ``data``; ``minmax``, ``percentile``, ``mse`` or ``entropy`` picks
    the range ``[lo, hi]``, and ``s = (hi - lo) / (qmax - qmin)``, ``z = round(qmin - lo / s)``;
@@ -40,12 +43,13 @@ import torch.nn as nn
 
 from graphopt.cpu import cpu_int8, resolve_target, weight_qmax
 from graphopt.errors import DataError
-from graphopt.graph import Graph
+from graphopt.graph import Graph, node_meta
 from graphopt.optypes import call_sites
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.passes.qdq.adaround import adaround
 from graphopt.passes.qdq.batchnorm import rewrite_batchnorms
 from graphopt.passes.qdq.bias import float_bias_correction
+from graphopt.passes.qdq.decompose import decompose_attention
 from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
 from graphopt.passes.qdq.rewrite import (
@@ -282,6 +286,9 @@ class QDQ(Pass):
         dtype = torch.uint8 if opts.activations == "uint8" else torch.int8
 
         graph.propagate_shapes()
+        attention = decompose_attention(gm, lambda n: matches(opts.skip, n) is not None)
+        if attention["decomposed"]:
+            graph.propagate_shapes()
         equalized = equalize(gm) if opts.equalize else None
         smoothed = self._smooth(gm, batches)
         bn_convs = (
@@ -341,9 +348,15 @@ class QDQ(Pass):
                 "samples": sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in batches),
             },
             "float_ops": the_plan.float_ops,
+            "float_outputs": [
+                {"node": n.name, "module": node_meta(n).module_path or "", "reason": why}
+                for n, why in the_plan.float_output_reasons.items()
+            ],
             "skipped": the_plan.skipped,
             "target": _target_report(opts.target),
         }
+        if attention["decomposed"] or attention["kept"]:
+            report["attention"] = attention
         if bn_convs:
             report["batchnorm_as_conv"] = bn_convs
         if smoothed:

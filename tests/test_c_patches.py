@@ -258,3 +258,14 @@ def test_tile_geometry_keeps_the_image_padding():
     tiles = [patches._tile_geo(geo, i, b) for i, b in zip(ins, boxes)]
     assert [t.ph for t in tiles] == [1, 1, 0, 0] and [t.pw for t in tiles] == [1, 0, 1, 0]
     assert all(t.OH == 3 and t.H == 6 for t in tiles)
+
+
+def test_build_passes_patches_through(nets):
+    from graphopt.backends.c import build
+
+    model, x = nets["float"]
+    plain, patched = build(model, flags=("-O2",)), build(model, flags=("-O2",), patches=2)
+    assert patched.report["patches"]["grid"] == [2, 2]
+    assert patched.arena_bytes < plain.arena_bytes
+    (a,), (b,) = plain.run(x), patched.run(x)
+    assert np.array_equal(a, b)

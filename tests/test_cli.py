@@ -313,6 +313,21 @@ def test_emit_c_writes_sources_and_a_report(run_dir, tmp_path, capsys):
     assert_one_error_line(code, err, "does not exist")
 
 
+def test_emit_c_patches_and_ram_budget(run_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    code, text, err = invoke(capsys, "emit-c", run_dir / "model.onnx", "--out", out, "--patches", 2)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["patches"]["grid"] == [2, 2]
+    assert report["arena_bytes"] < report["memory"]["arena_layer_by_layer_bytes"]
+    assert "patches 2x2" in text
+    code, _, err = invoke(
+        capsys, "emit-c", run_dir / "model.onnx", "--out", tmp_path / "c2", "--ram-budget", 100
+    )
+    assert_one_error_line(code, err, "ram_budget=100: cannot be met")
+    assert not (tmp_path / "c2" / "report.json").exists()
+
+
 def test_inspect_lists_quantization_sensitivity(capsys):
     code, out, err = invoke(
         capsys, "inspect", "digits:vgg", "--quant-sensitivity", "--data", "digits"

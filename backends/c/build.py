@@ -157,15 +157,26 @@ def build(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     out_dir: str | os.PathLike | None = None,
     sparse: bool = True,
+    patches: int | None = None,
+    ram_budget: int | None = None,
 ) -> CModel:
     """Emit the model's C, compile it with ``cc`` into a shared library (in a temporary
-    directory unless ``out_dir`` is given) and load it.
+    directory unless ``out_dir`` is given) and load it. ``sparse``, ``patches`` and
+    ``ram_budget`` are :func:`~graphopt.backends.c.emit`'s.
 
     Raises :class:`~graphopt.errors.BackendError` when no compiler is found, the model is not
     supported, or the compiler rejects the code."""
     find_compiler(cc)
     out, tmp = _out_dir(out_dir)
-    report = emit(onnx_model_or_path, out, name=name, input_shapes=input_shapes, sparse=sparse)
+    report = emit(
+        onnx_model_or_path,
+        out,
+        name=name,
+        input_shapes=input_shapes,
+        sparse=sparse,
+        patches=patches,
+        ram_budget=ram_budget,
+    )
     lib = out / f"lib{name}.so"
     secs = compile_shared([out / f"{name}.c", out / f"{name}_weights.c"], lib, cc, flags)
     log.info("compiled %s in %.1fs", lib, secs)

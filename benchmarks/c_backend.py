@@ -2,6 +2,7 @@
 
     python benchmarks/c_backend.py [--models digits:vgg,resnet18,mobilenet_v2]
                                    [--shape 1,3,64,64] [--runs 200] [--rounds 5] [--simd]
+                                   [--kinds float,int8]
 
 For each model, float and int8 (ORT ``quantize_static``: QDQ, per-channel int8 weights, int8
 activations, 32 calibration inputs: the digits training split for digits:vgg, random normal
@@ -155,17 +156,25 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--simd", action="store_true", help="compile with -DGP_SIMD (AVX2 paths)")
+    ap.add_argument(
+        "--kinds", default="float,int8", help="which builds to measure: float, int8 or both"
+    )
     args = ap.parse_args(argv)
     flags = (*FLAGS, "-DGP_SIMD") if args.simd else FLAGS
     shape = tuple(int(d) for d in args.shape.split(","))
+    kinds = set(args.kinds.split(","))
+    if not kinds or not kinds <= {"float", "int8"}:
+        ap.error(f"--kinds: float and/or int8, not {args.kinds!r}")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
             path, x, calib = _export(name, shape, Path(d))
-            qpath = _quantize(path, calib)
             label = name if name.startswith("digits") else f"{name} {'x'.join(map(str, shape))}"
-            rows.append(bench(path, x, label, False, args.runs, args.rounds, flags))
-            rows.append(bench(qpath, x, label, True, args.runs, args.rounds, flags))
+            if "float" in kinds:
+                rows.append(bench(path, x, label, False, args.runs, args.rounds, flags))
+            if "int8" in kinds:
+                qpath = _quantize(path, calib)
+                rows.append(bench(qpath, x, label, True, args.runs, args.rounds, flags))
     head = [
         "model",
         "kind",

@@ -75,13 +75,34 @@ def test_packed_conv_applies_unless_groups_are_thin():
 
 
 def test_convp_source():
-    name, src = conv_fast.convp_source(16)
-    assert name == "gp_convp_f32_16"
+    geo = _geo(KH=3, KW=5, dh=1, dw=2, OH=4, OW=4)
+    name, src = conv_fast.convp_source(16, geo)
+    assert name == "gp_convp_f32_16_3x5d1x2"
     assert "@" not in src and f"static void {name}(" in src
-    assert f"acc[{conv_fast.PB}][16]" in src  # PB x MB accumulators
-    # two functions, each defined once (the driver kept out of line)
-    assert len(re.findall(r"^(GP_NOINLINE )?static void ", src, re.M)) == 2
-    assert f"GP_NOINLINE static void {name}(" in src
+    # two block functions, for PB_WIDE pixels under AVX-512 and for PB otherwise
+    wide, narrow = src.split("#else")
+    assert wide.lstrip().startswith("#if defined(__AVX512F__)") and "#endif" in narrow
+    for part, pb in ((wide, conv_fast.PB_WIDE), (narrow, conv_fast.PB)):
+        assert f"#define GP_PB_16_3x5d1x2 {pb}\n" in part
+        assert f"acc[{pb}][16]" in part  # PB x MB accumulators
+        # one named input pointer per pixel of a block, each an FMA row
+        for p in range(pb):
+            assert f"*x{p} = xs + base[{p}]" in part and f"acc[{p}][i] = GP_FMAF(" in part
+        assert f"x{pb} " not in part and f"acc[{pb}]" not in part.split("float acc")[1]
+    # the kernel size and dilations are literals
+    assert "kh < 3" in src and "kw < 5" in src and "kw * 2]" in src
+    # the block functions and the driver, each defined once (the driver kept out of line)
+    assert len(re.findall(r"^(GP_NOINLINE )?GP_WIDE static void ", src, re.M)) == 3
+    assert f"GP_NOINLINE GP_WIDE static void {name}(" in src
+    assert src.count("long base[GP_PB_16_3x5d1x2]") == 1
+
+
+def test_convp_blocks_are_no_longer_than_the_image():
+    name, src = conv_fast.convp_source(8, _geo(KH=3, KW=3, OH=1, OW=7))
+    assert name == "gp_convp_f32_8_3x3d1x1_p7"
+    assert "#define GP_PB_8_3x3d1x1_p7 7\n" in src  # AVX-512: the 7 pixels at once
+    assert f"#define GP_PB_8_3x3d1x1_p7 {conv_fast.PB}\n" in src
+    assert conv_fast.convp_source(8, _geo(KH=3, KW=3, OH=2, OW=4))[0].endswith("3x3d1x1")
 
 
 def test_padding_goes_to_scratch_only_when_a_tap_falls_outside():

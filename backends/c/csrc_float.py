@@ -14,6 +14,19 @@ DIV = r"""
 #define gp_imin(a, b) ((a) < (b) ? (a) : (b))
 """
 
+# a * b + c with one rounding where the target has a fast fused multiply-add (C99's
+# FP_FAST_FMAF, which <math.h> defines e.g. under GCC/Clang -mfma): in ISO C mode GCC does not
+# contract ``acc += a * b`` by itself (-std=c99 implies -ffp-contract=off), so without this the
+# vectorised inner loops of the float kernels issue a multiply and an add per term. Elsewhere,
+# the plain expression (an fmaf without hardware support would be a slow library call).
+FMA = r"""
+#if defined(FP_FAST_FMAF)
+#define GP_FMAF(a, b, c) fmaf(a, b, c)
+#else
+#define GP_FMAF(a, b, c) ((a) * (b) + (c))
+#endif
+"""
+
 # activation applied to a freshly written block: act 0 none, 1 relu, 2 clip(lo, hi)
 ACT = r"""
 static void gp_act_f32(float *y, long n, int act, float lo, float hi)

@@ -12,6 +12,9 @@ ONNX node carries ``metadata_props``:
 - ``graphopt.node``: the name of that torch.fx node in ``graph.module``;
 - ``graphopt.provenance``: the original module paths merged into it (comma separated).
 
+The exporter's own Python stack trace and class hierarchy per node are dropped: they hold
+absolute file paths of the exporting machine and took about 1 kB a node.
+
 The mapping follows the exporter's own provenance: each ONNX node names the torch.export node
 it was translated from (``pkg.torch.onnx.fx_node``), whose ``from_node`` chain leads back to
 the graphopt node. The exporter's optimiser folds an eval-mode BatchNorm into the Conv/Gemm
@@ -51,6 +54,9 @@ PROVENANCE_KEY = "graphopt.provenance"
 PIPELINE_KEY = PIPELINE_META
 
 _FX_NODE_KEY = "pkg.torch.onnx.fx_node"
+_DROPPED_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy")
+"""The exporter's per-node Python stack trace and class hierarchy: file paths of the machine
+that exported the model, more bytes than many int8 weights; the module path stays."""
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
 _FX_NODE_NAME = re.compile(r"^%(\S+) :")
@@ -309,6 +315,8 @@ def _annotate_nodes(program, graph: Graph) -> int:
     found = 0
     for onode in program.model.graph.all_nodes():
         props = onode.metadata_props
+        for key in _DROPPED_KEYS:  # absolute paths of this machine, ~1 kB a node
+            props.pop(key, None)
         src = None
         m = _FX_NODE_NAME.match(props.get(_FX_NODE_KEY, ""))
         if m and m.group(1) in ep_nodes:

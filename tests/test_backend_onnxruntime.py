@@ -221,6 +221,15 @@ def test_compute_nodes_carry_torch_module_paths(resnet):
     assert [_props(n)["graphopt.module_path"] for n in compute if n.op_type == "Gemm"] == ["fc"]
 
 
+def test_no_stack_traces_or_local_paths_in_the_file(resnet):
+    _, _, path = resnet
+    proto = onnx.load(str(path))
+    keys = {k for n in proto.graph.node for k in _props(n)}
+    assert "graphopt.module_path" in keys
+    assert not keys & {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy"}
+    assert b"site-packages" not in proto.SerializeToString()
+
+
 def test_fused_batchnorm_recorded_in_provenance(resnet, small):
     for path in (resnet[2], small[1]):
         proto = onnx.load(str(path))

@@ -152,8 +152,9 @@ class AttentionRules(Coupling):
             return False
         inner = self._shape(w_qkv)[0] // 3
         head_dim = _arg(node, 13, "head_dim", 0) or shape[3] // heads_n
-        if inner != heads_n * head_dim:
-            return False
+        sb = self.spaces_of(bias)
+        if inner != heads_n * head_dim or len(sb) != 4 or sb[1].size != heads_n:
+            return False  # checked before any coupling: "not understood" locks it all
         in_s, out_s = self.space_at(x, 3), self.space_at(node, 3)
         self.passthrough_dims(node, x, {0: 0}, consumed=(3,), produced=(3,))
         for d in (1, 2):
@@ -183,9 +184,6 @@ class AttentionRules(Coupling):
         if scale is not None:
             s = self.spaces_of(scale)
             self.couple(s[0].base + np.arange(heads_n), first)
-        sb = self.spaces_of(bias)
-        if len(sb) != 4 or sb[1].size != heads_n:
-            return False
         self.couple(sb[1].base + np.arange(heads_n), first)
         for sp in (sb[0], sb[2], sb[3]):
             if sp.size != 1:
@@ -218,14 +216,14 @@ class AttentionRules(Coupling):
         if shape is None or len(shape) < 3:
             return False
         nd = len(shape)
+        si, so = self.space_at(x, nd - 1), self.space_at(node, nd - 1)
+        if si is None or so is None or so.size != 4 * si.size:
+            return False
         tail = (nd - 3, nd - 2, nd - 1)
         self.passthrough_dims(node, x, {d: d for d in range(nd - 3)}, consumed=tail, produced=tail)
         for t in (x, node):
             for d in (nd - 3, nd - 2):
                 self.lock(self.space_at(t, d), f"{node.name}: patch merging")
-        si, so = self.space_at(x, nd - 1), self.space_at(node, nd - 1)
-        if si is None or so is None or so.size != 4 * si.size:
-            return False
         k = np.arange(so.size)
         self.couple(so.base + k, si.base + k % si.size)
         return True

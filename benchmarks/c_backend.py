@@ -33,7 +33,7 @@ from onnx import numpy_helper
 import graphopt
 from graphopt.backends.c import build
 from graphopt.backends.c.build import find_compiler
-from graphopt.backends.onnxruntime import export
+from graphopt.backends.onnxruntime import export, ort_quantize_static
 from graphopt.table import render
 from graphopt.zoo.models import load_model
 
@@ -60,33 +60,8 @@ def _export(name: str, shape, root: Path) -> tuple[Path, np.ndarray, list[np.nda
 
 
 def _quantize(src: Path, calib: list[np.ndarray]) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    name = ort.InferenceSession(str(src)).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{name: c} for c in calib])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    dst = src.with_name(src.stem + "_int8.onnx")
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return dst
+    """ORT's quantize_static: QDQ, per-channel int8 weights, int8 activations."""
+    return ort_quantize_static(src, src.with_name(src.stem + "_int8.onnx"), calib)
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -14,8 +14,6 @@ weights ORT computes exactly, so they are compared with the fused kernels everyw
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -25,14 +23,14 @@ from onnx import numpy_helper
 
 import graphopt
 from graphopt.backends.c import build, emit
-from graphopt.backends.c.build import STRICT, find_compiler
+from graphopt.backends.c.build import find_compiler
 from graphopt.backends.c.kernels_int8 import quantize_multiplier
 from graphopt.backends.onnxruntime import export, ort_quantize_static, session
 from graphopt.cpu import cpu_int8
 from graphopt.zoo.digits import load_digits_data
 from graphopt.zoo.models import load_model
 
-from .test_c_models import MAIN, _sanitizer_works
+from .test_c_models import _sanitizer_works, run_sanitized
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +133,7 @@ def test_int8_asan_ubsan_clean(float_vgg, digits, tmp_path, which):
         path = _quantize(float_vgg[0], tmp_path / "q.onnx", digits, QuantType.QInt8)
         x = digits.x_test.numpy()[:1]
     emit(path, tmp_path, name="net")
-    (tmp_path / "main.c").write_text(MAIN)
-    (tmp_path / "x.bin").write_bytes(x.astype(np.float32).tobytes())
-    flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    subprocess.run(
-        [cc, *STRICT, *flags, "-o", "net", "main.c", "net.c", "net_weights.c", "-lm"],
-        cwd=tmp_path,
-        check=True,
-    )
-    r = subprocess.run(["./net"], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "runtime error" not in r.stderr
+    run_sanitized(cc, tmp_path, x)
 
 
 class _Tiny(torch.nn.Module):

@@ -97,14 +97,12 @@ int main(void) {
 """
 
 
-def test_asan_ubsan_clean(exported, tmp_path):
-    cc = find_compiler()
-    if not _sanitizer_works(cc, tmp_path):
-        pytest.skip("the compiler's AddressSanitizer/UBSan runtime is not available")
-    path, x = exported["digits:vgg"]
-    emit(path, tmp_path, name="net")
-    (tmp_path / "main.c").write_text(MAIN)
-    (tmp_path / "x.bin").write_bytes(x.astype(np.float32).tobytes())
+def run_sanitized(cc: str, out_dir, x) -> np.ndarray:
+    """Compile ``net.c`` (emitted into ``out_dir`` with ``name="net"``) and :data:`MAIN` with
+    AddressSanitizer and UBSan, run it on ``x`` (the arena is exactly the planned size, so an
+    overrun is caught) and return its output; asserts that the run is clean."""
+    (out_dir / "main.c").write_text(MAIN)
+    (out_dir / "x.bin").write_bytes(np.asarray(x, np.float32).tobytes())
     flags = [
         "-O1",
         "-g",
@@ -114,18 +112,27 @@ def test_asan_ubsan_clean(exported, tmp_path):
     ]
     subprocess.run(
         [cc, *STRICT, *flags, "-o", "net", "main.c", "net.c", "net_weights.c", "-lm"],
-        cwd=tmp_path,
+        cwd=out_dir,
         check=True,
     )
     r = subprocess.run(
         ["./net"],
-        cwd=tmp_path,
+        cwd=out_dir,
         capture_output=True,
         text=True,
         env={"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr
-    got = np.array([float(v) for v in r.stdout.split()], np.float32)
+    return np.array([float(v) for v in r.stdout.split()], np.float32)
+
+
+def test_asan_ubsan_clean(exported, tmp_path):
+    cc = find_compiler()
+    if not _sanitizer_works(cc, tmp_path):
+        pytest.skip("the compiler's AddressSanitizer/UBSan runtime is not available")
+    path, x = exported["digits:vgg"]
+    emit(path, tmp_path, name="net")
+    got = run_sanitized(cc, tmp_path, x)
     ref = _ort(path, x).reshape(-1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)

@@ -361,12 +361,10 @@ def test_quantize_static_classifier(tmp_path, per_channel):
 
 @pytest.mark.parametrize("which", ["gemm_dense", "gemm_sparse", "conv3x3"])
 def test_float_output_kernels_asan_ubsan_clean(tmp_path, which):
-    import subprocess
-
     from graphopt.backends.c import emit
-    from graphopt.backends.c.build import STRICT, find_compiler
+    from graphopt.backends.c.build import find_compiler
 
-    from .test_c_models import MAIN, _sanitizer_works
+    from .test_c_models import _sanitizer_works, run_sanitized
 
     cc = find_compiler()
     if not _sanitizer_works(cc, tmp_path):
@@ -377,16 +375,5 @@ def test_float_output_kernels_asan_ubsan_clean(tmp_path, which):
     report = emit(model, tmp_path, name="net")
     assert bool(report["sparse_layers"]) == (which == "gemm_sparse")
     x = rng.uniform(-4, 4, case[2]).astype(np.float32)
-    (tmp_path / "main.c").write_text(MAIN)
-    (tmp_path / "x.bin").write_bytes(x.tobytes())
-    flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    subprocess.run(
-        [cc, *STRICT, *flags, "-o", "net", "main.c", "net.c", "net_weights.c", "-lm"],
-        cwd=tmp_path,
-        check=True,
-    )
-    r = subprocess.run(["./net"], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "runtime error" not in r.stderr
-    got = np.array([float(v) for v in r.stdout.split()], np.float32)
+    got = run_sanitized(cc, tmp_path, x)
     np.testing.assert_array_equal(got, build(model).run(x)[0].reshape(-1))

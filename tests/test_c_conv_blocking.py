@@ -19,10 +19,11 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.c import build_many, conv_fast
 from graphopt.backends.c.build import find_compiler
+
+from .test_c_kernels import _conv_model
 
 NATIVE = ("-O3", "-march=native")
 NATIVE_NO512 = ("-O3", "-march=native", "-mno-avx512f")
@@ -48,29 +49,7 @@ CASES = [
 
 def _model(i, case, rng):
     c, h, w, m, k, s, p, d, g, bias, act = case
-    inits = [numpy_helper.from_array(rng.standard_normal((m, c // g, *k)).astype(np.float32), "w")]
-    ins = ["x", "w"]
-    if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "b"))
-        ins.append("b")
-    attrs = dict(kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
-    nodes = [helper.make_node("Conv", ins, ["c" if act else "y"], group=g, **attrs)]
-    if act == "Relu":
-        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
-    elif act == "Clip":
-        inits += [
-            numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
-            numpy_helper.from_array(np.array(2.0, np.float32), "hi"),
-        ]
-        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        f"conv{i}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _conv_model(i, (c, h, w, m, k, s, p, d, g, act), rng, bias=bias, batch=1, clip_hi=2.0)
 
 
 def _has_avx512() -> bool:

@@ -27,35 +27,29 @@ CONVS = [
 ]
 
 
-def _conv_model(i, cfg, rng):
+def _conv_model(i, cfg, rng, *, bias=True, batch=2, clip_hi=1.5):
+    """A Conv (random weights, and a bias if ``bias``) with an optional Relu or Clip(-0.5,
+    ``clip_hi``) after it, on a ``[batch, C, H, W]`` input."""
     c, h, w, m, k, s, p, d, g, act = cfg
-    wt = rng.standard_normal((m, c // g, *k)).astype(np.float32)
-    b = rng.standard_normal(m).astype(np.float32)
-    nodes = [
-        helper.make_node(
-            "Conv",
-            ["x", "w", "b"],
-            ["c" if act else "y"],
-            kernel_shape=list(k),
-            strides=list(s),
-            pads=[p[0], p[1], p[2], p[3]],
-            dilations=list(d),
-            group=g,
-        )
-    ]
-    inits = [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(b, "b")]
+    inits = [numpy_helper.from_array(rng.standard_normal((m, c // g, *k)).astype(np.float32), "w")]
+    ins = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "b"))
+        ins.append("b")
+    attrs = dict(kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
+    nodes = [helper.make_node("Conv", ins, ["c" if act else "y"], group=g, **attrs)]
     if act == "Relu":
         nodes.append(helper.make_node("Relu", ["c"], ["y"]))
     elif act == "Clip":
         inits += [
             numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
-            numpy_helper.from_array(np.array(1.5, np.float32), "hi"),
+            numpy_helper.from_array(np.array(clip_hi, np.float32), "hi"),
         ]
         nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
     graph = helper.make_graph(
         nodes,
         f"conv{i}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, h, w])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, h, w])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )

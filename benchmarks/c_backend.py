@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +30,9 @@ from onnx import numpy_helper
 
 import graphopt
 from graphopt.backends.c import build
-from graphopt.backends.c.build import find_compiler
+from graphopt.backends.c.build import compiler_version, find_compiler
 from graphopt.backends.onnxruntime import export, ort_quantize_static
+from graphopt.cpu import cpu_int8
 from graphopt.table import render
 from graphopt.zoo.models import load_model
 
@@ -165,19 +164,9 @@ def main(argv=None) -> None:
         "parity",
     ]
     cc = find_compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     print(
-        f"{datetime.date.today()}, {cpu}, {cc} {' '.join(flags)} "
-        f"({version.splitlines()[0] if version else '?'}), onnxruntime {ort.__version__}, "
+        f"{datetime.date.today()}, {cpu_int8().describe()}, {cc} {' '.join(flags)} "
+        f"({compiler_version(cc)}), onnxruntime {ort.__version__}, "
         f"{args.rounds} rounds x {args.runs} runs, one thread\n"
     )
     print(render(head, rows, markdown=True))

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import datetime
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -38,8 +37,9 @@ from torch import nn
 
 import graphopt
 from graphopt.backends.c import emit, planner
-from graphopt.backends.c.build import CModel, compile_shared, find_compiler
+from graphopt.backends.c.build import CModel, compile_shared, compiler_version, find_compiler
 from graphopt.backends.onnxruntime import export, ort_quantize_static
+from graphopt.cpu import cpu_int8
 from graphopt.table import render
 
 FLAGS = ("-O3", "-march=native")
@@ -206,18 +206,10 @@ def main(argv=None) -> None:
         "bit-exact",
     ]
     cc = find_compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    cpu = "?"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
     budget = f"--patches {args.patches}" if args.patches else f"budget 1/{args.budget_ratio:g}"
     print(
-        f"{datetime.date.today()}, {cpu}, {cc} {' '.join(FLAGS)} "
-        f"({version.splitlines()[0] if version else '?'}), {budget}, "
+        f"{datetime.date.today()}, {cpu_int8().describe()}, {cc} {' '.join(FLAGS)} "
+        f"({compiler_version(cc)}), {budget}, "
         f"{args.rounds} rounds x {args.runs} runs, one thread\n"
     )
     print(render(head, rows, markdown=True))

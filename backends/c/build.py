@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic"]
 
 
+def compiler_version(cc: str) -> str:
+    """The first line of ``cc --version`` (``?`` when it prints nothing), for reports."""
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else "?"
+
+
 def find_compiler(cc: str | None = None) -> str:
     """``cc``, else ``$CC``, else the first of cc/gcc/clang on PATH."""
     for cand in [cc] if cc else [os.environ.get("CC"), "cc", "gcc", "clang"]:

@@ -241,28 +241,13 @@ class _QuantWeighted(nn.Module):
             self.bias_int32 = None
             self.bias_scale = None
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, transposed: bool = False) -> torch.Tensor:
+        """The dequantized weight; ``transposed``: ``[in, out]``, the transpose done on the
+        int8 tensor so that the export holds a transposed int8 initializer."""
+        w, axis = (self.weight_int8.t(), 1) if transposed else (self.weight_int8, 0)
         if self.per_channel:
             return qd.dequantize_per_channel(
-                self.weight_int8,
-                self.weight_scale,
-                self.weight_zero_point,
-                0,
-                -127,
-                127,
-                torch.int8,
-            )
-        return qd.dequantize_per_tensor(
-            self.weight_int8, self.weight_scale_value, 0, -127, 127, torch.int8
-        )
-
-    def dequantized_weight_t(self) -> torch.Tensor:
-        """The dequantized weight transposed (``[in, out]``), the transpose done on the int8
-        tensor so that the export holds a transposed int8 initializer."""
-        w = self.weight_int8.t()
-        if self.per_channel:
-            return qd.dequantize_per_channel(
-                w, self.weight_scale, self.weight_zero_point, 1, -127, 127, torch.int8
+                w, self.weight_scale, self.weight_zero_point, axis, -127, 127, torch.int8
             )
         return qd.dequantize_per_tensor(w, self.weight_scale_value, 0, -127, 127, torch.int8)
 
@@ -337,7 +322,7 @@ class QuantLinear(_QuantWeighted):
         # N-D: MatMul on the transposed int8 weight (per channel along axis 1), then the bias
         # Add: ORT's MatMulIntegerToFloat (or QLinearMatMul without a bias), no Transpose
         # between the weight's DequantizeLinear and the MatMul for ORT to move first
-        y = torch.matmul(x, self.dequantized_weight_t())
+        y = torch.matmul(x, self.dequantized_weight(transposed=True))
         bias = self.dequantized_bias()
         return y if bias is None else y + bias
 

@@ -91,8 +91,7 @@ class Plan:
     alias: dict[fx.Node, fx.Node] = field(default_factory=dict)
     float_ops: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
-    float_outputs: list[fx.Node] = field(default_factory=list)
-    float_output_reasons: dict[fx.Node, str] = field(default_factory=dict)
+    float_outputs: dict[fx.Node, str] = field(default_factory=dict)  # unit output -> why
 
     def root(self, node: fx.Node) -> fx.Node | None:
         """The own-quantized value whose qparams ``node`` uses (``None`` if it is float)."""
@@ -138,11 +137,12 @@ _HEAD_METHODS = {"sigmoid", "softmax", "log_softmax", "tanh"}
 
 
 # why the float ops of a transformer stay float (the report says it per node)
+_LAYER_NORM_WHY = (
+    "in ORT: it normalises in float between a DequantizeLinear and the next unit's QuantizeLinear"
+)
 _FLOAT_WHY = {
-    "layernorm": "in ORT: it normalises in float between a DequantizeLinear and the next "
-    "unit's QuantizeLinear",
-    "layer_norm": "in ORT: it normalises in float between a DequantizeLinear and the next "
-    "unit's QuantizeLinear",
+    "layernorm": _LAYER_NORM_WHY,
+    "layer_norm": _LAYER_NORM_WHY,
     "softmax": "that equals float softmax (ORT's QLinearSoftmax rounds a table exp a step "
     "apart on about a tenth of the outputs); it runs in float on float scores",
     "gelu": "in ORT (Erf / Gelu run in float); the next unit quantizes its output",
@@ -409,21 +409,20 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Plan:
         # a linear/matmul whose result is only a model output (perhaps through a sigmoid or
         # softmax) stays float: ORT's QGemm / MatMulIntegerToFloat take int8 inputs and write
         # float, so the logits keep full precision
-        float_out = (
-            unit.kind in ("linear", "matmul")
-            and unit.act is None
-            and (feeds_only_outputs(unit.out, gm) or unit.out in scores)
-            and unit.out not in needed
-        )
-        if float_out:
-            result.float_outputs.append(unit.out)
-            result.float_output_reasons[unit.out] = (
-                "model output: int8 inputs, float output (ORT: QGemm / "
-                "MatMulIntegerToFloat), no int8 step on the logits"
-                if feeds_only_outputs(unit.out, gm)
-                else "attention scores: int8 inputs, float output (ORT: MatMulIntegerToFloat) "
-                "for a float softmax"
-            )
+        why = None
+        if unit.kind in ("linear", "matmul") and unit.act is None and unit.out not in needed:
+            if feeds_only_outputs(unit.out, gm):
+                why = (
+                    "model output: int8 inputs, float output (ORT: QGemm / "
+                    "MatMulIntegerToFloat), no int8 step on the logits"
+                )
+            elif unit.out in scores:
+                why = (
+                    "attention scores: int8 inputs, float output (ORT: MatMulIntegerToFloat) "
+                    "for a float softmax"
+                )
+        if why:
+            result.float_outputs[unit.out] = why
         else:
             needed[unit.out] = unit.bounds
 

@@ -350,7 +350,7 @@ class QDQ(Pass):
             "float_ops": the_plan.float_ops,
             "float_outputs": [
                 {"node": n.name, "module": node_meta(n).module_path or "", "reason": why}
-                for n, why in the_plan.float_output_reasons.items()
+                for n, why in the_plan.float_outputs.items()
             ],
             "skipped": the_plan.skipped,
             "target": _target_report(opts.target),

@@ -96,22 +96,15 @@ class EncoderLayer(nn.Module):
         self.linear1, self.linear2 = _plain_linear(layer.linear1), _plain_linear(layer.linear2)
         self.norm1, self.norm2 = layer.norm1, layer.norm2
         self.norm_first = layer.norm_first
-        act = layer.activation
-        if isinstance(act, nn.Module):
-            self.act = act
-        else:
-            self.act_fn = act
-
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x) if hasattr(self, "act") else self.act_fn(x)
+        self.act = layer.activation  # a module (registered as one) or a function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
             y = self.norm1(x)
             x = x + self.self_attn(y, y, y)
-            return x + self.linear2(self.activation(self.linear1(self.norm2(x))))
+            return x + self.linear2(self.act(self.linear1(self.norm2(x))))
         x = self.norm1(x + self.self_attn(x, x, x))
-        return self.norm2(x + self.linear2(self.activation(self.linear1(x))))
+        return self.norm2(x + self.linear2(self.act(self.linear1(x))))
 
 
 class Encoder(nn.Module):

@@ -255,15 +255,16 @@ def _fc(prog, node, prod, cons):
         why = why or _weights_why(b.qinfo, 0 if trans_b else 1)
     elif c_name and prog.t(c_name).size not in (1, n):
         why = f"a bias of shape {list(prog.t(c_name).shape)}"
-    if sink is None:
-        return _stays_float(prog, node, why) if why else _fc_float(prog, node, src, iw, trans_b)
     if why:
-        return False
+        return _stays_float(prog, node, why) if sink is None else False
     warr, sw, wt = iw
     if not trans_b:
         warr = np.ascontiguousarray(warr.T)
-    sx, sy = src[1], sink[2]
     x = prog.t(node.inputs[0])
+    if sink is None:  # float output: QGemm / MatMulIntegerToFloat
+        rows = x.size // x.shape[-1]
+        return _float_out(prog, node, "QFcFloat_i8", src, warr, sw, wt, c_name, rows=rows)
+    sx, sy = src[1], sink[2]
     bias = _int_bias(prog, c_name, sx * sw)
     fields = dict(w=warr, bias=bias, wt=wt, rows=x.size // x.shape[-1])
     return _lower(prog, node, "QFc_i8", [src[0]], src, sink, sx * sw / sy, **fields)
@@ -326,16 +327,6 @@ def _float_out(prog, node, op, src, warr, sw, wt, bias_name, rows=None, geo=None
     new = Node(op, node.name, [xq], [node.outputs[0]], node.attrs, node.opset, extra)
     _replace(prog, node, new, [])
     return True
-
-
-def _fc_float(prog, node, src, iw, trans_b) -> bool:
-    warr, sw, wt = iw
-    if not trans_b:
-        warr = np.ascontiguousarray(warr.T)
-    x = prog.t(node.inputs[0])
-    c_name = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else ""
-    rows = x.size // x.shape[-1]
-    return _float_out(prog, node, "QFcFloat_i8", src, warr, sw, wt, c_name, rows=rows)
 
 
 def _conv_float(prog, node, src, iw) -> bool:

@@ -31,7 +31,7 @@ from .errors import (
     PassFailure,
     VerificationError,
 )
-from .graph import PIPELINE_META, Graph, node_meta
+from .graph import PIPELINE_META, Graph, detach_outputs, node_meta
 from .instruments import DumpDir, Instrument, Timing
 from .metrics import drift, within
 from .options import build_options, fields_of, format_value, text_name
@@ -277,7 +277,11 @@ class Pipeline:
         if batch is not None:
             ref_inputs = tuple(t[:64] for t in batch)
         t_ref = time.perf_counter()
-        original_out = _forward(graph, ref_inputs) if verify else None
+        original_out = None
+        if verify and ref_inputs is graph.example_inputs:
+            original_out = graph.example_outputs()  # the trace's shape propagation ran it
+        if verify and original_out is None:
+            original_out = _forward(graph, ref_inputs)
         reference_seconds = time.perf_counter() - t_ref
         if verify and not _all_finite(original_out):
             raise DataError(_nonfinite_message(graph, ref_inputs))
@@ -328,7 +332,7 @@ class Pipeline:
                     if verify:
                         # the shape propagation just ran the example inputs: reuse its outputs
                         if ref_inputs is graph.example_inputs:
-                            out = _detach(example_out)
+                            out = detach_outputs(example_out)
                         else:
                             out = _forward(graph, ref_inputs)
                         if p.exact:
@@ -370,18 +374,7 @@ def _forward(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = graph.module(*inputs)
-    return _detach(out)
-
-
-def _detach(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach().clone()
-    if isinstance(out, (list, tuple)):
-        vals = [_detach(o) for o in out]
-        return type(out)(*vals) if hasattr(out, "_fields") else type(out)(vals)
-    if isinstance(out, dict):
-        return {k: _detach(v) for k, v in out.items()}
-    return out
+    return detach_outputs(out)
 
 
 def _check_structure(graph: Graph, p: Pass) -> Any:

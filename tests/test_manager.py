@@ -492,3 +492,52 @@ def test_a_pipeline_that_cannot_do_anything_warns(caplog):
             graphopt.trace(net, x), data=data
         )
     assert "no pass after it trains" not in caplog.text
+
+
+# -- reusing the trace's forward as the reference -------------------------------------------------
+def _count_forwards(graph: Graph) -> list[int]:
+    calls = [0]
+    graph.module.fc.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_reference_is_the_traces_own_forward(graph):
+    # the hook makes the module's code unchanged but counts every run of fc
+    calls = _count_forwards(graph)
+    result = Pipeline.of(ScaleOutput).run(graph)
+    # one run: the propagation after the pass; the reference came from the trace
+    assert calls[0] == 1
+    assert result.reports[0].drift["max_abs"] > 0
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "inplace",  # bumps the version counter
+        "data",  # writes through .data: no version bump, the sum changes
+        "replace",  # a new parameter object
+        "train",  # a training flag
+    ],
+)
+def test_an_edit_after_trace_gets_a_fresh_reference(graph, edit):
+    fc = graph.module.fc
+    with torch.no_grad():
+        if edit == "inplace":
+            fc.weight.mul_(2.0)
+        elif edit == "data":
+            fc.weight.data.mul_(2.0)
+        elif edit == "replace":
+            fc.weight = nn.Parameter(fc.weight.detach() * 2.0)
+        else:
+            graph.module.drop.train()
+    assert graph.example_outputs() is None
+    graph.module.drop.eval()
+    expected = graph.module(X).detach()
+    # an exact pass checked against a stale reference would be reported as diverging
+    result = Pipeline.of(FoldBatchNorm).run(graph)
+    assert result.reports[0].verified
+    torch.testing.assert_close(result.graph.module(X), expected)
+
+
+def test_example_outputs_match_a_plain_forward(graph):
+    torch.testing.assert_close(graph.example_outputs(), graph.module(X), rtol=0, atol=0)

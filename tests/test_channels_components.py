@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from graphopt.channels.components import connected_components
+from graphopt.channels.components import connected_components, unique
 
 
 def _scipy(n, a, b):
@@ -51,3 +51,12 @@ def test_long_chains_in_adversarial_order_converge():
     assert count == 1 and (labels == 0).all()
     count, labels = connected_components(n + 3, a, b)  # plus three isolated vertices
     assert count == 4 and sorted(np.bincount(labels).tolist()) == [1, 1, 1, n]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-5, 40), max_size=60))
+def test_unique_matches_numpy(values):
+    a = np.asarray(values, dtype=np.int64)
+    got = unique(a)
+    np.testing.assert_array_equal(got, np.unique(a))
+    assert got.dtype == a.dtype

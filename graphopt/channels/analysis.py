@@ -50,7 +50,7 @@ import torch.fx as fx
 
 from graphopt.graph import Graph, node_meta
 
-from .components import connected_components
+from .components import connected_components, unique
 from .coupling import fn_name
 from .records import Group, Member, Rewrite, Space
 from .rules_attention import AttentionRules
@@ -159,7 +159,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         locked = np.zeros(self.n_units, dtype=bool)
         self.unit_lock_reason: dict[int, str] = {}
         for elems, reason in self._locks:
-            labs = np.unique(self.labels[elems])
+            labs = unique(self.labels[elems])
             new = labs[~locked[labs]]
             for u in new[:1]:
                 self.unit_lock_reason.setdefault(int(u), reason)
@@ -171,7 +171,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         produced = np.zeros(self.n_units, dtype=bool)
         for m in self.members:
             if m.kind == "out":
-                produced[np.unique(self.units_of(m))] = True
+                produced[unique(self.units_of(m))] = True
         self.unit_prunable = produced & ~locked
         self._groups()
 
@@ -189,8 +189,8 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             pre[self.labels[elems]] = True
         for a_id, b_id, where, dim, scalable in self.size_pairs:
             sa, sb = self.spaces[a_id], self.spaces[b_id]
-            ua = set(np.unique(self.labels[sa.elements()]).tolist())
-            ub = set(np.unique(self.labels[sb.elements()]).tolist())
+            ua = set(unique(self.labels[sa.elements()]).tolist())
+            ub = set(unique(self.labels[sb.elements()]).tolist())
             if ua == ub:
                 continue
             if scalable:
@@ -214,7 +214,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         # the distinct (unit, space) pairs as one sorted integer key (np.unique with axis=0
         # is several times slower); a unit's signature is the sorted tuple of its spaces
         n_spaces = max(len(self.spaces), 1)
-        keys = np.unique(self.labels[elems] * n_spaces + self.element_space[elems])
+        keys = unique(self.labels[elems] * n_spaces + self.element_space[elems])
         pair_units, pair_spaces = keys // n_spaces, keys % n_spaces
         starts = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
         spaces, bounds = pair_spaces.tolist(), [*starts.tolist(), len(keys)]
@@ -244,7 +244,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             if m.kind != "out" or (m.owner, m.param) in seen:
                 continue
             seen.add((m.owner, m.param))
-            labs = np.unique(self.units_of(m))
+            labs = unique(self.units_of(m))
             locked = [int(u) for u in labs if self.unit_locked[u]]
             if locked:
                 out.append(

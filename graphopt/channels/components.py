@@ -42,3 +42,17 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.
                 label = up
     roots, labels = np.unique(label, return_inverse=True)
     return len(roots), labels.astype(np.int64)
+
+
+def unique(a: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``a``, as ``np.unique(a)`` gives them.
+
+    numpy 2's ``np.unique`` without ``return_*`` asks ``np.ma.is_masked``, and the first such
+    call imports ``numpy.ma`` (tens of ms cold, more on a loaded machine); sorting does not."""
+    s = np.sort(np.asarray(a).ravel())
+    if s.size < 2:
+        return s
+    keep = np.empty(s.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]

@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from graphopt.graph import Graph, node_meta
 
+from .components import unique
 from .records import Member, Rewrite, Space
 
 
@@ -118,7 +119,7 @@ class Coupling:
         if len(self._base_arr) != len(self._bases):
             self._base_arr = np.asarray(self._bases, dtype=np.int64)
         idx = np.searchsorted(self._base_arr, elems, side="right") - 1
-        return np.unique(idx).tolist()
+        return unique(idx).tolist()
 
     def couple_spaces(self, a: Space, b: Space) -> bool:
         """Identity coupling of two spaces of the same size; False if impossible."""

@@ -180,10 +180,30 @@ def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[s
 
 
 # -- importance -------------------------------------------------------------------------------------
-def _slice_scores(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    """``Σ|x|^p`` over each slice of ``t`` along ``dim`` (one fused reduction: no copy or
-    temporary of ``t``)."""
+def _slice_scores(
+    t: torch.Tensor, dim: int, p: int, planes: dict[tuple[int, int], torch.Tensor] | None = None
+) -> np.ndarray:
+    """``Σ|x|^p`` over each slice of ``t`` along ``dim`` (fused reductions: no copy of ``t``).
+
+    For dim 0 or 1 of a tensor with two or more dims, the sums come from one plane
+    ``P[i, j] = Σ_rest |x[i, j, ...]|^p`` (kept in ``planes`` per tensor): a conv weight is read
+    once for both its output and its input channels, and the strided reduction over dim 1 is a
+    sum over the small plane."""
     x = t.detach()
+    if x.dim() >= 2 and dim in (0, 1):
+        key = (id(t), p)
+        plane = planes.get(key) if planes is not None else None
+        if plane is None:
+            if x.dim() == 2:
+                plane = x.abs() if p == 1 else x.square()
+            else:
+                rest = tuple(range(2, x.dim()))
+                plane = torch.linalg.vector_norm(x.float(), ord=p, dim=rest)
+                plane = plane if p == 1 else plane.square()
+            plane = plane.double()
+            if planes is not None:
+                planes[key] = plane
+        return plane.sum(dim=1 - dim).numpy()
     others = [d for d in range(x.dim()) if d != dim]
     if not others:
         s = x.abs() if p == 1 else x.square()
@@ -204,6 +224,7 @@ def unit_scores(
     count = np.zeros(n)
     best = np.full(n, -np.inf)
     gm = ca.gm
+    planes: dict[tuple[int, int], torch.Tensor] = {}
     for m in ca.members:
         if importance == "bn-scale":
             if not (m.kind == "norm" and m.param == "weight"):
@@ -214,10 +235,10 @@ def unit_scores(
         if not ca.unit_prunable[units].any():
             continue  # no unit of this member can go: its score is never read
         t = member_tensor(gm, m)
-        if importance == "l1":
-            s = _slice_scores(t, m.dim, 1)
-        elif importance in ("l2", "bn-scale"):
-            s = _slice_scores(t, m.dim, 2) if importance == "l2" else _slice_scores(t, m.dim, 1)
+        if importance in ("l1", "bn-scale"):
+            s = _slice_scores(t, m.dim, 1, planes)
+        elif importance == "l2":
+            s = _slice_scores(t, m.dim, 2, planes)
         elif importance == "taylor":
             g = (grads or {}).get((m.owner, m.param))
             if g is None:

@@ -23,7 +23,7 @@ import graphopt
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError, GraphoptError, OptionError, PassFailure
 from graphopt.modules import SelfAttention
-from graphopt.passes.prune import apply_plan, remove_units
+from graphopt.passes.prune import _slice_scores, apply_plan, remove_units
 
 from .channel_helpers import randomize_bn, zero_unit_inputs
 
@@ -712,3 +712,28 @@ def test_a_ratio_above_max_ratio_is_capped_and_says_so():
     rep = graphopt.Pipeline.parse("prune(ratio=0.95)").run(g).reports[0].details
     assert "capped at max-ratio" in rep["summary"] and "max-ratio" in rep["capped"]
     assert g.module.get_submodule("0").out_channels == 16 - int(16 * 0.9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.sampled_from([1, 2]),
+    st.data(),
+)
+def test_slice_scores_are_per_slice_norms(shape, p, data):
+    """The shared-plane path (dims 0 and 1) and the direct path give Σ|x|^p per slice."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    planes: dict = {}
+    got = _slice_scores(t, dim, p, planes)
+    x = t.double().abs() ** p
+    others = [d for d in range(t.dim()) if d != dim]
+    want = x.sum(dim=others) if others else x
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
+    if t.dim() >= 2 and dim < 2:  # the other dim reuses the same plane
+        np.testing.assert_allclose(
+            _slice_scores(t, 1 - dim, p, planes),
+            x.sum(dim=[d for d in range(t.dim()) if d != 1 - dim]).numpy(),
+            rtol=1e-5,
+        )
+        assert len(planes) == 1

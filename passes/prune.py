@@ -185,25 +185,22 @@ def _slice_scores(
 ) -> np.ndarray:
     """``Σ|x|^p`` over each slice of ``t`` along ``dim`` (fused reductions: no copy of ``t``).
 
-    For dim 0 or 1 of a tensor with two or more dims, the sums come from one plane
-    ``P[i, j] = Σ_rest |x[i, j, ...]|^p`` (kept in ``planes`` per tensor): a conv weight is read
-    once for both its output and its input channels, and the strided reduction over dim 1 is a
-    sum over the small plane."""
+    For dim 0 or 1 of a tensor with more than two dims, the sums come from one plane
+    ``P[i, j] = (Σ_rest |x[i, j, ...]|^p)^(1/p)`` (kept in ``planes`` per tensor), so a k x k
+    conv weight is read once for both its output and its input channels, and the strided
+    reduction over dim 1 becomes one over the small plane: ``Σ_j P[i, j]^p``."""
     x = t.detach()
-    if x.dim() >= 2 and dim in (0, 1):
+    if x.dim() > 2 and dim in (0, 1):
         key = (id(t), p)
         plane = planes.get(key) if planes is not None else None
         if plane is None:
-            if x.dim() == 2:
-                plane = x.abs() if p == 1 else x.square()
+            if math.prod(x.shape[2:]) == 1:  # a 1 x 1 conv: the weight is its own plane
+                plane = x.reshape(x.shape[0], x.shape[1])
             else:
-                rest = tuple(range(2, x.dim()))
-                plane = torch.linalg.vector_norm(x.float(), ord=p, dim=rest)
-                plane = plane if p == 1 else plane.square()
-            plane = plane.double()
+                plane = torch.linalg.vector_norm(x.float(), ord=p, dim=tuple(range(2, x.dim())))
             if planes is not None:
                 planes[key] = plane
-        return plane.sum(dim=1 - dim).numpy()
+        x = plane
     others = [d for d in range(x.dim()) if d != dim]
     if not others:
         s = x.abs() if p == 1 else x.square()

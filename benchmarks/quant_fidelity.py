@@ -3,6 +3,7 @@ and whether ONNX Runtime, the torch simulation and the C backend compute the sam
 
     PYTHONPATH=/tmp/torchao_pkg python benchmarks/quant_fidelity.py [--models vgg,audio]
         [--calib-batches 8] [--cache DIR] [--no-c] [--best "fold-pad,fold-bn,qdq(...)"]
+        [--bootstrap 2000]
 
 Models (``quant_fidelity_models.py``; trained on first use, a few seconds to a minute each on a CPU, cached under
 ``--cache``; nothing is downloaded): on scikit-learn's digits a VGG (the zoo's), a residual
@@ -173,6 +174,39 @@ def agreement(ref: np.ndarray, out: np.ndarray) -> float:
     return float((ref.argmax(1) == out.argmax(1)).mean())
 
 
+def paired_bootstrap(
+    ref: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0
+) -> dict:
+    """How sure is "``a`` is closer to ``ref`` than ``b``" on this test set? The test inputs are
+    resampled with replacement ``reps`` times, the same draw for both (paired); returns the
+    differences ``a - b`` of SQNR (dB) and argmax agreement with their 2.5/97.5 percentiles,
+    the fewest inputs that hold half of ``a``'s and ``b``'s noise power, and the fp32 top-2
+    margins of the inputs where exactly one of them disagrees with fp32 on the argmax."""
+    ref, a, b = (np.asarray(v, np.float64).reshape(len(ref), -1) for v in (ref, a, b))
+    na, nb = ((a - ref) ** 2).sum(1), ((b - ref) ** 2).sum(1)
+    top = ref.argmax(1)
+    ha, hb = a.argmax(1) == top, b.argmax(1) == top
+    idx = np.random.default_rng(seed).integers(0, len(ref), (reps, len(ref)))
+    with np.errstate(divide="ignore"):
+        d_sqnr = 10 * np.log10(nb[idx].sum(1) / na[idx].sum(1))
+    d_agree = ha[idx].mean(1) - hb[idx].mean(1)
+    part = np.sort(ref, 1)
+    margin = part[:, -1] - part[:, -2] if ref.shape[1] > 1 else np.abs(ref[:, 0])
+
+    def half(noise):
+        c = np.cumsum(np.sort(noise)[::-1])
+        return int(np.searchsorted(c, 0.5 * c[-1]) + 1)
+
+    full = 10 * math.log10(nb.sum() / na.sum()) if na.sum() and nb.sum() else math.inf
+    return {
+        "sqnr": (full, *map(float, np.percentile(d_sqnr, [2.5, 97.5]))),
+        "agree": (float(ha.mean() - hb.mean()), *map(float, np.percentile(d_agree, [2.5, 97.5]))),
+        "half_noise": (half(na), half(nb), len(ref)),
+        "disputed": sorted(float(margin[i]) for i in np.flatnonzero(ha != hb)),
+        "median_margin": float(np.median(margin)),
+    }
+
+
 def batch_size(path: Path) -> int:
     """256, or 1 when the file only runs at batch 1 (a leaf module's export can fix shapes)."""
     import onnxruntime as ort
@@ -292,6 +326,7 @@ def measure(case: Case, q: Quantized, ref: np.ndarray, tmp: Path, c: bool) -> di
     for k, v in engines.items():
         if v is not None:
             out[f"agree_{k}"], out[f"sqnr_{k}"] = agreement(ref, v), sqnr(ref, v)
+    out["outputs"] = engines["ort"]  # for --bootstrap; not printed
     step = output_step(q.path) if q.path is not None else None
     out["steps_sim"] = steps(engines["ort"], engines["sim"], step)
     out["steps_c"] = steps(engines["ort"], engines["c"], step)
@@ -347,6 +382,35 @@ def rows_for(case: Case, results: list[dict]) -> list[list[str]]:
     return rows
 
 
+BOOT_HEAD = [
+    "model", "graphopt defaults vs", "SQNR ORT diff (95% CI)", "agree ORT diff (95% CI)",
+    "inputs with half the noise (defaults/other/all)", "fp32 margin of disputed inputs (median)",
+]  # fmt: skip
+
+
+def bootstrap_rows(summary: dict, reps: int) -> list[list[str]]:
+    """Paired bootstrap of graphopt's defaults against each other quantizer, per model (ORT)."""
+    rows = []
+    for name, s in summary.items():
+        ours = s["results"][0]
+        if ours.get("outputs") is None:
+            continue
+        for r in s["results"][1:]:
+            if r.get("outputs") is None or r["label"].startswith("graphopt"):
+                continue
+            b = paired_bootstrap(s["ref"], ours["outputs"], r["outputs"], reps)
+            d, lo, hi = b["sqnr"]
+            da, alo, ahi = b["agree"]
+            ha, hb, n = b["half_noise"]
+            disputed = ", ".join(f"{m:.3f}" for m in b["disputed"][:6]) or "none"
+            rows.append([
+                name, r["label"], f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]",
+                f"{da:+.4f} [{alo:+.4f}, {ahi:+.4f}]", f"{ha}/{hb}/{n}",
+                f"{disputed} ({b['median_margin']:.2f})",
+            ])  # fmt: skip
+    return rows
+
+
 HEAD = [
     "model", "fp32 acc", "quantizer", "ORT int/float ops", "agree ORT", "SQNR ORT",
     "agree sim", "SQNR sim", "agree C", "SQNR C", "steps ORT-sim", "steps ORT-C", "steps sim-C",
@@ -372,7 +436,7 @@ def run_suite(names, cache, calib_batches, best, c=True, ort_extra=False, epochs
                 else:
                     results.append(measure(case, q, ref, tmp, c))
                 log(f"  {q.label}: {time.perf_counter() - t0:.1f}s")
-            summary[name] = results
+            summary[name] = {"ref": ref, "results": results}
             rows += rows_for(case, results)
             ours = [r for r in results if r["label"].startswith("graphopt")]
             ok = all(r.get("one_step") for r in ours)
@@ -392,6 +456,14 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="trained models (default: the graphopt cache)")
     ap.add_argument("--no-c", action="store_true", help="skip the C backend")
     ap.add_argument("--ort-reduce-range", action="store_true", help="add ORT reduce_range rows")
+    ap.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a table: graphopt defaults minus each other quantizer, SQNR and agreement "
+        "in ORT with 95%% intervals from N paired resamples of the test inputs",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     import onnxruntime
@@ -409,7 +481,7 @@ def main() -> None:
         f"{platform.machine()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
-    rows, verdicts, _ = run_suite(
+    rows, verdicts, summary = run_suite(
         args.models.split(","), cache, args.calib_batches, args.best, not args.no_c,
         args.ort_reduce_range,
     )  # fmt: skip
@@ -417,6 +489,9 @@ def main() -> None:
     print(render(HEAD, rows, markdown=True))
     print()
     print("\n".join(f"- {v}" for v in verdicts))
+    if args.bootstrap:
+        print()
+        print(render(BOOT_HEAD, bootstrap_rows(summary, args.bootstrap), markdown=True))
 
 
 if __name__ == "__main__":

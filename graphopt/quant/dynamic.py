@@ -14,6 +14,13 @@ The layer is one custom op, ``graphopt::dynamic_linear``; :data:`ONNX_TRANSLATIO
 to ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add``, which ONNX Runtime fuses
 into its ``DynamicQuantizeMatMul`` kernel. The ONNX backend picks the translations up when
 this module is loaded (a graph holding the op cannot exist otherwise).
+
+A matrix product of two activations (attention's ``q kᵀ`` and ``p v``) is the custom op
+``graphopt::dynamic_matmul``: both operands quantized as above, each with its own scale and
+zero point, ``y = s_a s_b sum_k (a_q[m, k] - z_a)(b_q[k, n] - z_b)``. It lowers to what ORT's
+own ``quantize_dynamic`` writes for such a MatMul (with ``MatMulConstBOnly=False``; by default
+that tool leaves it float): ``DynamicQuantizeLinear`` on each operand -> ``MatMulInteger``
+(uint8 x uint8, both zero points) -> ``Cast`` -> ``Mul`` by ``s_a s_b``.
 """
 
 from typing import Optional
@@ -25,6 +32,16 @@ from torch.utils.flop_counter import register_flop_formula
 from graphopt.quant.observers import quantize_weight, weight_qparams
 
 
+def dynamic_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX ``DynamicQuantizeLinear`` on a float32 tensor: ``(x_q, s_x, z_x)``, ``x_q`` and
+    ``z_x`` as floats holding integers in [0, 255]."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zp = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
+    return torch.clamp(torch.round(x / scale) + zp, 0.0, 255.0), scale, zp
+
+
 @torch.library.custom_op("graphopt::dynamic_linear", mutates_args=())
 def dynamic_linear(
     x: torch.Tensor,
@@ -34,12 +51,7 @@ def dynamic_linear(
 ) -> torch.Tensor:
     """``x @ (s_w W_q^T) + b`` with ``x`` dynamically quantized (see the module docstring);
     ``weight_t`` is ``W_q^T`` (int8, ``[in, out]``)."""
-    xf = x.float()
-    lo = torch.clamp(xf.min(), max=0.0)
-    hi = torch.clamp(xf.max(), min=0.0)
-    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
-    zp = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
-    xq = torch.clamp(torch.round(xf / scale) + zp, 0.0, 255.0)
+    xq, scale, zp = dynamic_quantize(x.float())
     # integer accumulation, exact in float64 for any realistic depth (|acc| < 2^53)
     acc = torch.matmul((xq - zp).double(), weight_t.double())
     y = acc.float() * (scale * weight_scale)
@@ -102,7 +114,45 @@ def _dynamic_linear_onnx(x, weight_t, weight_scale, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.dynamic_linear.default: _dynamic_linear_onnx}
+@torch.library.custom_op("graphopt::dynamic_matmul", mutates_args=())
+def dynamic_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)`` with both operands dynamically quantized, per tensor (see the
+    module docstring)."""
+    aq, sa, za = dynamic_quantize(a.float())
+    bq, sb, zb = dynamic_quantize(b.float())
+    acc = torch.matmul((aq - za).double(), (bq - zb).double())  # exact, as MatMulInteger's int32
+    return (acc.float() * (sa * sb)).to(a.dtype)
+
+
+@dynamic_matmul.register_fake
+def _(a, b):
+    return torch.empty_like(torch.matmul(a, b))
+
+
+@register_flop_formula(torch.ops.graphopt.dynamic_matmul)
+def _matmul_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """2 x (output elements) x depth, as for ``torch.matmul``."""
+    a, b = list(a_shape), list(b_shape)
+    rows = a[-2] if len(a) > 1 else 1
+    cols = b[-1] if len(b) > 1 else 1
+    batch = torch.broadcast_shapes(torch.Size(a[:-2]), torch.Size(b[:-2]))
+    return 2 * batch.numel() * rows * cols * a[-1]
+
+
+def _dynamic_matmul_onnx(a, b):
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    aq, a_scale, a_zp = op.DynamicQuantizeLinear(a)
+    bq, b_scale, b_zp = op.DynamicQuantizeLinear(b)
+    acc = op.MatMulInteger(aq, bq, a_zp, b_zp)
+    return op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(a_scale, b_scale))
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.graphopt.dynamic_linear.default: _dynamic_linear_onnx,
+    torch.ops.graphopt.dynamic_matmul.default: _dynamic_matmul_onnx,
+}
 
 
 class QuantEmbedding(nn.Module):

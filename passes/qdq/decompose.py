@@ -1,6 +1,6 @@
 """Attention spelled out so that ``qdq`` can quantize its matrix products.
 
-Two exact rewrites (equal up to float32 rounding), run by static ``qdq`` before placement:
+Two exact rewrites (equal up to float32 rounding), run by ``qdq`` before it quantizes:
 
 - **torch's transformer leaves**: fx keeps ``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``
   and ``nn.MultiheadAttention`` opaque (they are ``torch.nn`` modules), so nothing inside them
@@ -17,9 +17,11 @@ Two exact rewrites (equal up to float32 rounding), run by static ``qdq`` before 
   ``torch.matmul``.
 
 The two matrix products then are ``matmul`` units (ORT: QLinearMatMul) and the projections
-``linear`` units (ORT: MatMulIntegerToFloat + Add). A call the rewrite cannot express (masks,
-dropout in training mode, causal flags, ``need_weights`` read, a user-named leaf) is left
-alone, with the reason in the report.
+``linear`` units (ORT: MatMulIntegerToFloat + Add). ``qdq(activations=dynamic)`` runs the same
+rewrite: the projections become dynamic int8 Linears and, with ``matmul=dynamic``, the two
+products ``graphopt::dynamic_matmul`` (ORT: DynamicQuantizeMatMul). A call the rewrite cannot
+express (masks, dropout in training mode, causal flags, ``need_weights`` read, a user-named
+leaf) is left alone, with the reason in the report.
 """
 
 from __future__ import annotations

@@ -36,20 +36,32 @@ static int32_t gp_requant_clamp(int32_t acc, int32_t qm, int32_t qs, int zy, int
 # (|acc| * qm + 2^(t-1)) >> t fits 32 bits; v = sign(acc) * that is round-half-away-from-zero
 # of acc * qm / 2^t, the value gp_requant_clamp computes. ``YT`` is the output type. With
 # GP_SIMD defined on an AVX2 target, 8 outputs at a time with intrinsics (the same integers).
-REQUANT_ROW = r"""
-/* one output of the double path (single ternaries and masks: min, max, abs, sign) */
+REQUANT_LANE = r"""
+#ifndef GP_RQ1D_YTAG
+#define GP_RQ1D_YTAG
+#if defined(FP_FAST_FMA)
+#define GP_FMA_YTAG(a, b, c) fma(a, b, c)
+#else
+#define GP_FMA_YTAG(a, b, c) ((a) * (b) + (c))
+#endif
+/* one output of the double path (masks, no branches: GCC vectorises a block of these); |s|
+   as uint32 (|INT32_MIN| fits), capped at cap (>= 0), so its int32 conversion is safe */
 static int32_t gp_rq1d_YTAG(int32_t s, double dm, int32_t cap, int zy, int qmin, int qmax)
 {
-  int32_t neg, r, q;
-  s = s > -cap ? s : -cap;
-  s = s < cap ? s : cap;
-  neg = -(int32_t)(s < 0);
-  r = (int32_t)((double)((s ^ neg) - neg) * dm + 0.5);
+  const int32_t neg = -(int32_t)(s < 0);
+  uint32_t a = (uint32_t)(s ^ neg) - (uint32_t)neg;
+  int32_t r, q;
+  a = a < (uint32_t)cap ? a : (uint32_t)cap;
+  r = (int32_t)GP_FMA_YTAG((double)(int32_t)a, dm, 0.5);
   q = ((r ^ neg) - neg) + zy;
   q = q > qmin ? q : qmin;
   return q < qmax ? q : qmax;
 }
-
+#endif
+"""
+REQUANT_ROW = (
+    REQUANT_LANE
+    + r"""
 static void gp_requant_row_YTAG(const int32_t *acc, YT *y, long n, int32_t qm, int32_t qs,
                                 uint32_t amax, int zy, int qmin, int qmax)
 {
@@ -117,6 +129,7 @@ static void gp_requant_row_YTAG(const int32_t *acc, YT *y, long n, int32_t qm, i
   }
 }
 """
+)
 
 # DOUBLE_NOTE: when t <= 42, gp_requant_row works in double. acc is first clamped to
 # [-amax, amax], which changes no output (from amax on every output saturates); with
@@ -145,12 +158,31 @@ def saturation_caps(qm, qs) -> np.ndarray:
     return np.array(out, np.uint32)
 
 
+def lane_tables(qm, qs) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel ``qm * 2^-(31 + qs)`` (double, exact) and ``min(amax, 2^31 - 1)``: what
+    ``gp_rq1d`` takes; None unless every shift is on the double path (``31 + qs <= 42``)."""
+    qm, qs = np.asarray(qm).reshape(-1), np.asarray(qs).reshape(-1)
+    if (qs > 11).any():
+        return None
+    dm = np.array([float(m) * 2.0 ** -(31 + int(t)) for m, t in zip(qm.tolist(), qs.tolist())])
+    cap = np.minimum(saturation_caps(qm, qs).astype(np.int64), 2**31 - 1).astype(np.int32)
+    return dm, cap
+
+
 def f32_exact(w: np.ndarray) -> bool:
     """Whether float32 sums ``sum_k w[m][k] * (x_k - zx)`` exactly for every output channel
     ``m`` (first axis): each partial sum is an integer of magnitude at most
     ``255 * sum_k |w[m][k]|``, exact while that stays below 2^24."""
     wabs = np.abs(np.asarray(w, np.int64)).reshape(w.shape[0], -1).sum(axis=1)
     return bool(wabs.max(initial=0) * 255 < 2**24)
+
+
+def requant_lane(yt: str) -> tuple[str, str]:
+    """(helper key, C source) of ``gp_rq1d``, one output of the double path of
+    ``gp_requant_row`` (``t <= 42``), for kernels that requantise across channels with
+    ``dm = qm * 2^-t`` and ``cap = min(amax, 2^31 - 1)`` per channel."""
+    tag = {"int8_t": "s8", "uint8_t": "u8"}[yt]
+    return f"rq1d_{tag}", REQUANT_LANE.replace("YTAG", tag)
 
 
 def requant_row(yt: str) -> tuple[str, str]:

@@ -197,9 +197,9 @@ class QConv(Op):
         geo = e["geo"]
         # both sum small integers in float (exact: csrc_int8.f32_exact)
         if "depthwise" in FAST and conv_dw.applicable(geo) and csrc_int8.f32_exact(e["w"]):
-            e.update(kernel="depthwise", scratch=conv_dw.scratch_bytes(geo, int8=True))
+            e.update(kernel="depthwise", scratch=conv_dw.scratch_bytes(geo, True, e["qs"]))
         elif "int8-gemm" in FAST and conv_q8.applicable(geo, e["w"], e["bias"]):
-            e.update(kernel="int8-gemm", scratch=conv_q8.scratch_bytes(geo))
+            e.update(kernel="int8-gemm", scratch=conv_q8.scratch_bytes(geo, e))
 
     def emit(self, node, cg):
         e = node.extra

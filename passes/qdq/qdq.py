@@ -58,12 +58,12 @@ from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
 from graphopt.passes.qdq.rewrite import (
     QuantizationError,
-    _Values,
     calibrate,
     calibration_batches,
     choose_qparams,
     dynamic_report,
     insert_observers,
+    paired_values,
     quantization_state,
     remove_observers,
     set_submodule,
@@ -623,12 +623,7 @@ def _matmul_report(
     ``inputs`` (the error of its own operands' rounding and of every int8 layer before it)."""
     if not nodes:
         return []
-    names = {n.name for n in nodes}
-    with torch.no_grad():
-        ref = _Values(float_graph.module, names)
-        ref.run(*inputs)
-        got = _Values(gm, names)
-        got.run(*inputs)
+    ref, got = paired_values(float_graph, gm, {n.name for n in nodes}, inputs)
     rows = []
     for n in nodes:
         row: dict[str, Any] = {
@@ -637,7 +632,7 @@ def _matmul_report(
             "op": "matmul (dynamic)",
             "scores": _feeds_softmax(n),
         }
-        a, b = ref.values.get(n.name), got.values.get(n.name)
+        a, b = ref.get(n.name), got.get(n.name)
         if a is not None and b is not None:
             s = sqnr_db(a, b)
             row["sqnr_db"] = None if s is None else round(s, 2)

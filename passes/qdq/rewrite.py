@@ -303,6 +303,18 @@ class _Values(fx.Interpreter):
         return v
 
 
+def paired_values(
+    float_graph: Graph, gm: fx.GraphModule, names: set[str], inputs: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The outputs of the nodes ``names`` on ``inputs``: in the float graph, then in ``gm``."""
+    with torch.no_grad():
+        ref = _Values(float_graph.module, names)
+        ref.run(*inputs)
+        got = _Values(gm, names)
+        got.run(*inputs)
+    return ref.values, got.values
+
+
 def _dequantized(node: fx.Node) -> fx.Node:
     """The dequantize node after ``node``'s quantize, or ``node`` itself."""
     for u in node.users:
@@ -378,12 +390,7 @@ def dynamic_report(
 ) -> list[dict[str, Any]]:
     """Per dynamically quantized Linear: module, weight scales and the SQNR (dB) of its output
     against the float model's, on ``inputs``."""
-    names = {n.name for n in nodes}
-    with torch.no_grad():
-        ref = _Values(float_graph.module, names)
-        ref.run(*inputs)
-        got = _Values(gm, names)
-        got.run(*inputs)
+    ref, got = paired_values(float_graph, gm, {n.name for n in nodes}, inputs)
     rows = []
     for n in nodes:
         ws = gm.get_submodule(str(n.target)).weight_scale
@@ -398,7 +405,7 @@ def dynamic_report(
                 "channels": ws.numel(),
             },
         }
-        a, b = ref.values.get(n.name), got.values.get(n.name)
+        a, b = ref.get(n.name), got.get(n.name)
         if a is not None and b is not None:
             s = sqnr_db(a, b)
             row["sqnr_db"] = None if s is None else round(s, 2)

@@ -24,6 +24,7 @@ from .kernels_int8 import INT8_OPS
 from .kernels_math import MATH_OPS
 from .kernels_pool import POOL_OPS
 from .kernels_transformer import TRANSFORMER_OPS
+from .matmul_q8 import QMATMUL_OPS
 from .patches import PATCH_OPS
 from .patches import choose as choose_patches
 from .qdq_lower import lower_qdq
@@ -38,6 +39,7 @@ OPS: dict[str, Any] = {
     **TRANSFORMER_OPS,
     **INT8_OPS,
     **DYNAMIC_OPS,
+    **QMATMUL_OPS,
 }
 _FUSE_INTO = ("Conv", "Gemm", "MatMul", "Add")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -18,6 +18,12 @@ a fully-connected layer. A group of this shape that cannot be computed exactly t
 (weights quantized along the reduction axis or to other types, Gemm ``alpha``/``beta``/
 ``transA``, a bias that is not constant or not per output, a possible int32 overflow) stays
 float; its reason is logged and kept in ``Program.notes``.
+
+A MatMul of two quantized activations (``DQ(a) x DQ(b)``, attention's ``q kᵀ`` and ``p v``)
+becomes ``QMatMul_i8`` when a QuantizeLinear reads it (ORT's QLinearMatMul) or
+``QMatMulFloat_i8`` when it stays float (MatMulIntegerToFloat), bit-exact with ORT's kernels
+(:mod:`.matmul_q8`); per-channel or 16-bit operands, 1-d operands and a possible int32
+overflow keep the float path, with a note.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 from .conv_q8 import fits_int32
 from .ir import Node, Program, Tensor, Unsupported
 from .kernels_int8 import QTYPES, _multipliers, quantize_multiplier
+from .matmul_q8 import fields as _qmm_fields
+from .matmul_q8 import overflow_free
 
 log = logging.getLogger(__name__)
 
@@ -433,10 +441,67 @@ def _transparent(prog, node, prod, cons):
     return True
 
 
+# -- products of two quantized activations (attention) --------------------------------------
+def _matmul(prog, node, prod, cons):
+    """A constant quantized ``B`` is a fully-connected layer; two quantized activations are
+    an integer product (:mod:`.matmul_q8`)."""
+    return _fc(prog, node, prod, cons) or _act_matmul(prog, node, prod, cons)
+
+
+def _act_why(prog, d) -> str:
+    dt = prog.t(d.inputs[0]).dtype
+    if dt not in QTYPES:
+        return f"a {dt} operand (int8 and uint8 supported)"
+    return f"{d.name!r} has scales or zero points per channel (per tensor only)"
+
+
+def _act_stays_float(prog, node, why: str) -> bool:
+    """Record why a product of two quantized activations keeps the float path; never a match."""
+    note = f"{node.describe()} stays float (DequantizeLinear x DequantizeLinear): {why}"
+    if note not in prog.notes:
+        prog.notes.append(note)
+        log.warning("%s", note)
+    return False
+
+
+def _act_matmul(prog, node, prod, cons):
+    """``DQ(a), DQ(b) -> MatMul [-> Relu | Clip] -> Q`` is ``QMatMul_i8`` (QLinearMatMul);
+    without the Q, ``QMatMulFloat_i8`` (MatMulIntegerToFloat)."""
+    ds = [prod.get(i) for i in node.inputs[:2]]
+    if any(d is None or d.op != "DequantizeLinear" for d in ds):
+        return False
+    srcs = [_src(prog, prod, i) for i in node.inputs[:2]]
+    for d, s in zip(ds, srcs):
+        if s is None:
+            return _act_stays_float(prog, node, _act_why(prog, d))
+    (aq, sa, za, adt), (bq, sb, zb, bdt) = srcs
+    a_shape, b_shape = prog.t(aq).shape, prog.t(bq).shape
+    y_shape = prog.t(node.outputs[0]).shape
+    at, bt = QTYPES[adt][0], QTYPES[bdt][0]
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return _act_stays_float(prog, node, "a 1-d operand (rank 2 or more supported)")
+    if not overflow_free(at, bt, za, zb, int(a_shape[-1])):
+        return _act_stays_float(prog, node, "int32 accumulation could overflow")
+    sink = _sink(prog, cons, node.outputs[0])
+    a, b = (sa, za, at), (sb, zb, bt)
+    if sink is None:  # float output: MatMulIntegerToFloat
+        extra = _qmm_fields(a_shape, b_shape, y_shape, a, b, None)
+        new = Node("QMatMulFloat_i8", node.name, [aq, bq], [node.outputs[0]], {}, node.opset, extra)
+        _replace(prog, node, new, [])
+        return True
+    removed, yq, sy, zy, ydt, lo, hi = sink
+    qmin, qmax = _clamp(sy, zy, ydt, lo, hi)
+    extra = _qmm_fields(a_shape, b_shape, y_shape, a, b, (sy, zy, QTYPES[ydt][0]), qmin, qmax)
+    extra["fused"] = _fused(removed)
+    new = Node("QMatMul_i8", node.name, [aq, bq], [yq], {}, node.opset, extra)
+    _replace(prog, node, new, removed)
+    return True
+
+
 _RULES = {
     "Conv": _conv,
     "Gemm": _fc,
-    "MatMul": _fc,
+    "MatMul": _matmul,
     "Add": _add,
     "AveragePool": _avg,
     "GlobalAveragePool": _avg,

@@ -12,6 +12,9 @@ groups, after weights were folded (a folded weight keeps its int8 form in ``Tens
   the same integer weights and int32 accumulation, then ``float(acc) * fl32(sx * sw[c])`` plus
   a float bias if the bias is not int32 (ORT's QGemm with float output), ``QFcFloat_i8`` /
   ``QConvFloat_i8``;
+- ``DQ(a), DQ(b) -> MatMul [-> Relu | Clip] -> Q`` (two activations, attention's ``p v``):
+  ``QMatMul_i8``, ORT's QLinearMatMul; without the Q (``q kᵀ``) ``QMatMulFloat_i8``, ORT's
+  MatMulIntegerToFloat (:mod:`.matmul_q8`);
 - ``DQ(a), DQ(b) -> Add [-> Relu] -> Q`` (same shapes): TFLite's integer add;
 - ``DQ(x) -> AveragePool | GlobalAveragePool -> Q``: integer window sums, requantised by
   ``sx / (sy * count)``;

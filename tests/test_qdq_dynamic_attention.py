@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.backends import onnxruntime as gort
+from graphopt.errors import OptionError
 from graphopt.manager import Pipeline
 from graphopt.quant.dynamic import DynamicQuantLinear
 from graphopt.quant.observers import sqnr_db
@@ -228,6 +229,8 @@ def test_matmul_option_and_refusals():
     graph, rep = _dynamic(model, (x,), "qdq(activations=dynamic,matmul=dynamic,skip=[bmm])")
     assert _matmuls(graph.module) == 2
     assert rep["skipped"] == [{"node": "bmm", "module": "", "reason": "skip (bmm)"}]
+    with pytest.raises(OptionError, match="matmul=dynamic applies to activations=dynamic"):
+        Pipeline.parse("qdq(matmul=dynamic)")
 
 
 def test_default_keeps_attention_products_float(tmp_path):

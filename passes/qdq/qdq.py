@@ -188,6 +188,11 @@ class QDQOptions:
             raise ValueError("smooth applies when quantizing (mode=ptq or qat), not at convert")
         if self.activations == "dynamic" and self.mode != "ptq":
             raise ValueError("activations=dynamic has nothing to train: use mode=ptq")
+        if self.matmul != "float" and self.activations != "dynamic":
+            raise ValueError(
+                f"matmul={self.matmul} applies to activations=dynamic; static qdq quantizes "
+                "attention products already (q kT and p v): drop the option"
+            )
         parse_overrides(self.override)
 
     def settings(self, node: fx.Node) -> dict[str, Any]:

@@ -149,9 +149,10 @@ class Graph:
         """The outputs on the example inputs of the last :meth:`propagate_shapes`, if the module
         is still in the state that run saw, else ``None``.
 
-        The state is the generated code, every module's training flag, and each parameter's,
-        buffer's and example input's identity, storage, version counter and sum (the sum
-        catches in-place writes through ``.data``, which bump no version counter)."""
+        The state is the generated code, every module's training flag and plain settings
+        (numbers, strings and tuples of them: stride, eps, ...), and each parameter's, buffer's
+        and example input's identity, storage, version counter and sum (the sum catches
+        in-place writes through ``.data``, which bump no version counter)."""
         if self._example_outputs is None:
             return None
         token, out = self._example_outputs
@@ -159,7 +160,7 @@ class Graph:
 
     def _state_token(self) -> tuple:
         gm = self.module
-        flags: list[bool] = []
+        flags: list[Any] = []
         tensors: list[torch.Tensor] = [
             t for t in self.example_inputs if isinstance(t, torch.Tensor)
         ]
@@ -167,6 +168,8 @@ class Graph:
         while stack:  # a plain walk: named_modules' nested generators cost ~0.1 s on 300 modules
             m = stack.pop()
             flags.append(m.training)
+            # plain settings (stride, padding, eps, p, ...); hooks and the rest start with "_"
+            flags += [(k, v) for k, v in m.__dict__.items() if k[0] != "_" and _plain(v)]
             tensors += [t for t in m._parameters.values() if t is not None]
             tensors += [t for t in m._buffers.values() if t is not None]
             stack += [c for c in m._modules.values() if c is not None]
@@ -231,6 +234,13 @@ class _ShapeRecorder(fx.Interpreter):
         meta.outputs = [TensorInfo.of(t) for t in _tensors_in(result)]
         meta.container = isinstance(result, (list, tuple))
         return result
+
+
+def _plain(v: Any) -> bool:
+    """A number, string, bool or None, or a tuple of them."""
+    if isinstance(v, tuple):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 def detach_outputs(out: Any) -> Any:

@@ -517,6 +517,7 @@ def test_the_reference_is_the_traces_own_forward(graph):
         "data",  # writes through .data: no version bump, the sum changes
         "replace",  # a new parameter object
         "train",  # a training flag
+        "setting",  # a module's plain attribute
     ],
 )
 def test_an_edit_after_trace_gets_a_fresh_reference(graph, edit):
@@ -528,6 +529,8 @@ def test_an_edit_after_trace_gets_a_fresh_reference(graph, edit):
             fc.weight.data.mul_(2.0)
         elif edit == "replace":
             fc.weight = nn.Parameter(fc.weight.detach() * 2.0)
+        elif edit == "setting":
+            graph.module.conv.padding = (2, 2)  # the output grows by 2 pixels a side
         else:
             graph.module.drop.train()
     assert graph.example_outputs() is None

@@ -183,23 +183,18 @@ def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[s
 def _slice_scores(
     t: torch.Tensor, dim: int, p: int, planes: dict[tuple[int, int], torch.Tensor] | None = None
 ) -> np.ndarray:
-    """``Σ|x|^p`` over each slice of ``t`` along ``dim`` (fused reductions: no copy of ``t``).
-
-    For dim 0 or 1 of a tensor with more than two dims, the sums come from one plane
-    ``P[i, j] = (Σ_rest |x[i, j, ...]|^p)^(1/p)`` (kept in ``planes`` per tensor), so a k x k
-    conv weight is read once for both its output and its input channels, and the strided
-    reduction over dim 1 becomes one over the small plane: ``Σ_j P[i, j]^p``."""
+    """``Σ|x|^p`` over each slice of ``t`` along ``dim``. For dim 0 or 1 of a k x k weight, from
+    one plane ``P[i, j] = ‖x[i, j]‖_p`` kept in ``planes`` (``Σ_j P[i, j]^p``): the weight is
+    read once for its output and its input channels."""
     x = t.detach()
     if x.dim() > 2 and dim in (0, 1):
-        key = (id(t), p)
-        plane = planes.get(key) if planes is not None else None
+        plane = planes.get((id(t), p)) if planes is not None else None
         if plane is None:
-            if math.prod(x.shape[2:]) == 1:  # a 1 x 1 conv: the weight is its own plane
-                plane = x.reshape(x.shape[0], x.shape[1])
-            else:
-                plane = torch.linalg.vector_norm(x.float(), ord=p, dim=tuple(range(2, x.dim())))
+            rest = tuple(range(2, x.dim()))
+            one = math.prod(x.shape[2:]) == 1  # a 1 x 1 conv's weight is its own plane
+            plane = x.flatten(1) if one else torch.linalg.vector_norm(x.float(), ord=p, dim=rest)
             if planes is not None:
-                planes[key] = plane
+                planes[(id(t), p)] = plane
         x = plane
     others = [d for d in range(x.dim()) if d != dim]
     if not others:

@@ -36,14 +36,12 @@ and the SQNR (dB) of its output against the float model on the first calibration
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from graphopt.cpu import cpu_int8, resolve_target, weight_qmax
 from graphopt.errors import DataError
@@ -54,6 +52,7 @@ from graphopt.passes.qdq.adaround import adaround
 from graphopt.passes.qdq.batchnorm import rewrite_batchnorms
 from graphopt.passes.qdq.bias import float_bias_correction
 from graphopt.passes.qdq.decompose import decompose_attention
+from graphopt.passes.qdq.dynamic_matmul import dynamic_matmuls, matmul_report
 from graphopt.passes.qdq.equalize import equalize
 from graphopt.passes.qdq.placement import matches, plan
 from graphopt.passes.qdq.rewrite import (
@@ -63,7 +62,6 @@ from graphopt.passes.qdq.rewrite import (
     choose_qparams,
     dynamic_report,
     insert_observers,
-    paired_values,
     quantization_state,
     remove_observers,
     set_submodule,
@@ -73,7 +71,6 @@ from graphopt.passes.qdq.rewrite import (
 )
 from graphopt.passes.qdq.smooth import smooth
 from graphopt.quant.dynamic import DynamicQuantLinear, QuantEmbedding
-from graphopt.quant.observers import sqnr_db
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +446,7 @@ class QDQ(Pass):
             )
             set_submodule(gm, str(n.target), layer)
             done.append(n)
-        matmuls, float_ops = _dynamic_matmuls(gm, opts, skipped)
+        matmuls, float_ops = dynamic_matmuls(gm, opts.matmul, opts.skip, skipped)
         tables = self._embeddings(gm, sites, skipped) if opts.embeddings == "int8" else []
         report: dict[str, Any] = {}
         if attention["decomposed"] or attention["kept"]:
@@ -468,7 +465,7 @@ class QDQ(Pass):
                 inputs = batch
                 break
         layers = dynamic_report(reference, gm, done + tables, inputs)
-        layers += _matmul_report(reference, gm, matmuls, inputs)
+        layers += matmul_report(reference, gm, matmuls, inputs)
         sqnrs = [r["sqnr_db"] for r in layers if r.get("sqnr_db") is not None]
         worst = f"; min SQNR {min(sqnrs):.1f} dB" if sqnrs else ""
         mm = f", {len(matmuls)} matmul" if matmuls else ""
@@ -518,128 +515,3 @@ def _target_report(target: str) -> dict[str, Any]:
             "keep every pair below 32767, so ORT computes the exact integer result"
         )
     return out
-
-
-# -- activations=dynamic: matrix products of two activations --------------------------------------
-_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
-_MATMUL_METHODS = {"matmul", "bmm"}
-# between a q kT product and its softmax: scaling, masking, bias (one input each step)
-_SCORE_FUNCS = {
-    operator.mul,
-    operator.truediv,
-    operator.add,
-    operator.sub,
-    torch.mul,
-    torch.div,
-    torch.add,
-    torch.where,
-    torch.masked_fill,
-}
-_SCORE_METHODS = {"mul", "div", "add", "sub", "masked_fill", "float", "to", "type_as"}
-_SOFTMAX_FUNCS = {torch.softmax, F.softmax}
-
-
-def _matmul_operands(n: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """The two operands of a matrix product node (``a @ b``, ``torch.matmul``, ``torch.bmm``,
-    ``a.matmul(b)``), or None."""
-    if n.op == "call_function" and n.target in _MATMUL_FUNCS:
-        pass
-    elif n.op == "call_method" and n.target in _MATMUL_METHODS:
-        pass
-    else:
-        return None
-    if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
-        return None
-    return n.args[0], n.args[1]
-
-
-def _matmul_refusal(a: fx.Node, b: fx.Node) -> str:
-    """Why ``a @ b`` is not quantized dynamically ('' when it is)."""
-    if a.op == "get_attr" or b.op == "get_attr":
-        return "matmul with a constant operand"
-    for v in (a, b):
-        meta = node_meta(v)
-        if meta.dtype != "float32":
-            return f"an operand of dtype {meta.dtype} (float32 only)"
-        if not meta.shape or len(meta.shape) < 2:
-            return "an operand of rank below 2 or of unknown shape"
-    return ""
-
-
-def _feeds_softmax(n: fx.Node, depth: int = 6) -> bool:
-    """Whether ``n`` reaches a softmax through scaling/masking ops only (attention scores)."""
-    frontier = [n]
-    for _ in range(depth):
-        nxt = []
-        for v in frontier:
-            for u in v.users:
-                if u.op == "call_function" and u.target in _SOFTMAX_FUNCS:
-                    return True
-                if u.op == "call_method" and u.target == "softmax":
-                    return True
-                if u.op == "call_module" and isinstance(
-                    u.graph.owning_module.get_submodule(str(u.target)), nn.Softmax
-                ):
-                    return True
-                if (u.op == "call_function" and u.target in _SCORE_FUNCS) or (
-                    u.op == "call_method" and u.target in _SCORE_METHODS
-                ):
-                    nxt.append(u)
-        frontier = nxt
-    return False
-
-
-def _dynamic_matmuls(
-    gm: fx.GraphModule, opts: QDQOptions, skipped: list
-) -> tuple[list[fx.Node], list[dict[str, str]]]:
-    """With ``matmul=dynamic``, every matrix product of two float32 activations (not skipped)
-    becomes a ``graphopt::dynamic_matmul``, in place (same node name); ``matmul=values`` keeps
-    those that feed a softmax (attention scores) float, ``matmul=float`` keeps all. Returns the
-    products rewritten, and those left float with the reason (a skipped one goes to
-    ``skipped``)."""
-    done, float_ops = [], []
-    for n in list(gm.graph.nodes):
-        operands = _matmul_operands(n)
-        if operands is None:
-            continue
-        row = {"node": n.name, "module": node_meta(n).module_path or ""}
-        pat = matches(opts.skip, n)
-        if pat is not None:
-            skipped.append({**row, "reason": f"skip ({pat})"})
-            continue
-        why = _matmul_refusal(*operands)
-        if not why and opts.matmul == "float":
-            why = "matmul=float (products of two activations stay float)"
-        elif not why and opts.matmul == "values" and _feeds_softmax(n):
-            why = "attention scores (matmul=values): the softmax reads them in float"
-        if why:
-            float_ops.append({**row, "op": "matmul", "reason": why})
-            continue
-        n.op, n.target = "call_function", torch.ops.graphopt.dynamic_matmul.default
-        n.args = operands
-        done.append(n)
-    return done, float_ops
-
-
-def _matmul_report(
-    float_graph: Graph, gm: fx.GraphModule, nodes: list[fx.Node], inputs: tuple[torch.Tensor, ...]
-) -> list[dict[str, Any]]:
-    """Per dynamic matmul: the SQNR (dB) of its output against the float model's, on
-    ``inputs`` (the error of its own operands' rounding and of every int8 layer before it)."""
-    if not nodes:
-        return []
-    ref, got = paired_values(float_graph, gm, {n.name for n in nodes}, inputs)
-    rows = []
-    for n in nodes:
-        row: dict[str, Any] = {
-            "node": n.name,
-            "module": node_meta(n).module_path or "",
-            "op": "matmul (dynamic)",
-            "scores": _feeds_softmax(n),
-        }
-        a, b = ref.get(n.name), got.get(n.name)
-        if a is not None and b is not None:
-            s = sqnr_db(a, b)
-            row["sqnr_db"] = None if s is None else round(s, 2)
-        rows.append(row)
-    return rows

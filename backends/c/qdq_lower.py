@@ -286,9 +286,10 @@ def _weights_why(qi, axis: int) -> str:
     return f"weights quantized per channel along axis {qi['axis']} (needs {axis}: per output)"
 
 
-def _stays_float(prog, node, why: str) -> bool:
-    """Record why an int8 layer with float output keeps the float path; never a match."""
-    note = f"{node.describe()} stays float (its weights stored as float32): {why}"
+def _stays_float(prog, node, why: str, what: str = "its weights stored as float32") -> bool:
+    """Record why an int8 layer with float output (or a product of two quantized activations,
+    ``what``) keeps the float path; never a match."""
+    note = f"{node.describe()} stays float ({what}): {why}"
     if note not in prog.notes:
         prog.notes.append(note)
         log.warning("%s", note)
@@ -456,12 +457,7 @@ def _act_why(prog, d) -> str:
 
 
 def _act_stays_float(prog, node, why: str) -> bool:
-    """Record why a product of two quantized activations keeps the float path; never a match."""
-    note = f"{node.describe()} stays float (DequantizeLinear x DequantizeLinear): {why}"
-    if note not in prog.notes:
-        prog.notes.append(note)
-        log.warning("%s", note)
-    return False
+    return _stays_float(prog, node, why, "DequantizeLinear x DequantizeLinear")
 
 
 def _act_matmul(prog, node, prod, cons):

@@ -49,9 +49,9 @@ REGULAR = [
 ]
 
 
-def _conv(case, rng, quant: str | None):
-    """A one-conv model: float, or QDQ with int8 per-channel weights and ``quant`` (int8,
-    uint8, int8-zp: weights with non-zero zero points) activations."""
+def _conv(case, rng, quant: str | None, sy: float = 0.25):
+    """A one-conv model: float, or QDQ with int8 per-channel weights, ``quant`` (int8, uint8,
+    int8-zp: weights with non-zero zero points) activations and output scale ``sy``."""
     c, m, h, w, k, s, pads, g, d = case
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -77,7 +77,7 @@ def _conv(case, rng, quant: str | None):
             numpy_helper.from_array(b, "b"),
             numpy_helper.from_array(np.array(0.04, np.float32), "sx"),
             numpy_helper.from_array(np.array(zx, act), "zx"),
-            numpy_helper.from_array(np.array(0.25, np.float32), "sy"),
+            numpy_helper.from_array(np.array(sy, np.float32), "sy"),
             numpy_helper.from_array(np.array(zy, act), "zy"),
         ]
         nodes = [
@@ -159,13 +159,13 @@ def test_packed_float_conv_matches_the_generic_kernel():
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.ptp(b)), case
 
 
-def _near_ort(model, x, got, case):
-    """Within one output step (0.25) of ORT running the QDQ ops as defined (no fusion)."""
+def _near_ort(model, x, got, case, step: float = 0.25):
+    """Within one output ``step`` of ORT running the QDQ ops as defined (no fusion)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), so)
     ref = sess.run(None, {"x": x})[0]
-    assert np.abs(got - ref).max() <= 0.25 * (1 + 1e-4), case
+    assert np.abs(got - ref).max() <= step * (1 + 1e-4), case
 
 
 def test_requantisation_equals_the_reference_formula(tmp_path):

@@ -14,7 +14,6 @@ import ctypes
 import subprocess
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -87,14 +86,6 @@ def _fc(case, rng, quant: str):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _near_ort_step(model, x, got, step, case):
-    """Within one output ``step`` of ORT running the QDQ ops as defined (no fusion)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})[0]
-    assert np.abs(got - ref).max() <= step * (1 + 1e-4), case
-
-
 @pytest.mark.parametrize("kind", ["int8", "uint8", "int8-zp"])
 def test_fc_matches_the_generic_kernel(kind):
     rng = np.random.default_rng(5)
@@ -108,7 +99,7 @@ def test_fc_matches_the_generic_kernel(kind):
         x = rng.uniform(-3, 3, case[0]).astype(np.float32)
         (a,), (b,) = spec.run(x), gen.run(x)
         np.testing.assert_array_equal(a, b, err_msg=str(case))
-        _near_ort_step(models[f"f{i}"], x, a, 0.05, case)
+        _near_ort(models[f"f{i}"], x, a, case, step=0.05)
 
 
 @pytest.mark.parametrize("kind", ["int8", "uint8", "int8-zp"])

@@ -20,14 +20,12 @@ sides of the double path's limit (shift 42). The specialised builds at ``-O3
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.c import build_many, conv_dw, conv_q8, opbase
 from graphopt.backends.c.csrc_int8 import lane_tables
 
-from .test_c_depthwise import _source
+from .test_c_depthwise import _conv, _near_ort, _source
 
 NATIVE = ("-O3", "-march=native")
 PLAIN = ("-O2",)
@@ -66,41 +64,6 @@ POINTWISE = [
 ]
 
 
-def _conv(case, rng, act, sy: float):
-    """A one-conv QDQ model: per-channel int8 weights, ``act`` activations (int8 or uint8),
-    output scale ``sy`` (small ones put the multipliers past the double path)."""
-    c, m, h, w, k, s, pads, g, d = case
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    wf = rng.standard_normal((m, c // g, k, k)).astype(np.float32)
-    b = rng.standard_normal(m).astype(np.float32)
-    zx, zy = (128, 120) if act == np.uint8 else (3, -5)
-    sw = (np.abs(wf).reshape(m, -1).max(1) / 127).astype(np.float32)
-    wq = np.clip(np.round(wf / sw[:, None, None, None]), -128, 127).astype(np.int8)
-    inits = [
-        numpy_helper.from_array(wq, "wq"),
-        numpy_helper.from_array(sw, "sw"),
-        numpy_helper.from_array(np.zeros(m, np.int8), "zw"),
-        numpy_helper.from_array(b, "b"),
-        numpy_helper.from_array(np.array(0.04, np.float32), "sx"),
-        numpy_helper.from_array(np.array(zx, act), "zx"),
-        numpy_helper.from_array(np.array(sy, np.float32), "sy"),
-        numpy_helper.from_array(np.array(zy, act), "zy"),
-    ]
-    attrs = dict(group=g, strides=[s, s], pads=pads, dilations=[d, d])
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], axis=0),
-        helper.make_node("Conv", ["xf", "w", "b"], ["c"], **attrs),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
-        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "conv", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
 def _builds(models: dict, fast: str) -> dict:
     """{name: (specialised -O3 -march=native, specialised -O2, generic -O3 -march=native)}."""
     native = build_many(models, flags=NATIVE)
@@ -116,12 +79,6 @@ def _builds(models: dict, fast: str) -> dict:
     return {k: (native[k], plain[k], gen[k]) for k in models}
 
 
-def _ort(model, feeds) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so).run(None, feeds)[0]
-
-
 def _check(models, built, cases, rng, sy):
     for i, case in enumerate(cases):
         native, plain, gen = built[f"m{i}"]
@@ -129,18 +86,14 @@ def _check(models, built, cases, rng, sy):
         (a,), (b,), (c,) = native.run(x), plain.run(x), gen.run(x)
         np.testing.assert_array_equal(a, c, err_msg=f"native vs generic {case}")
         np.testing.assert_array_equal(b, c, err_msg=f"-O2 vs generic {case}")
-        ref = _ort(models[f"m{i}"], {"x": x})
-        assert np.abs(a - ref).max() <= sy * (1 + 1e-4), case
-
-
-ACTS = {"int8": np.int8, "uint8": np.uint8}
+        _near_ort(models[f"m{i}"], x, a, case, step=sy)
 
 
 @pytest.mark.parametrize("sy", [0.25, 40.0])
 @pytest.mark.parametrize("kind", ["int8", "uint8"])
 def test_u8_gemm_conv_matches_the_generic_kernel(kind, sy):
     rng = np.random.default_rng(11)
-    models = {f"m{i}": _conv(case, rng, ACTS[kind], sy) for i, case in enumerate(GEMM)}
+    models = {f"m{i}": _conv(case, rng, kind, sy) for i, case in enumerate(GEMM)}
     built = _builds(models, "int8-gemm")
     for i, case in enumerate(GEMM):
         src = _source(built[f"m{i}"][0])
@@ -153,7 +106,7 @@ def test_u8_gemm_conv_matches_the_generic_kernel(kind, sy):
 @pytest.mark.parametrize("kind", ["int8", "uint8"])
 def test_depthwise_kernels_match_the_generic_kernel(kind, sy):
     rng = np.random.default_rng(12)
-    models = {f"m{i}": _conv(case, rng, ACTS[kind], sy) for i, case in enumerate(DEPTHWISE)}
+    models = {f"m{i}": _conv(case, rng, kind, sy) for i, case in enumerate(DEPTHWISE)}
     built = _builds(models, "depthwise")
     for i, case in enumerate(DEPTHWISE):
         src = _source(built[f"m{i}"][0])
@@ -168,7 +121,7 @@ def test_depthwise_kernels_match_the_generic_kernel(kind, sy):
 @pytest.mark.parametrize("kind", ["int8", "uint8"])
 def test_pointwise_requantising_in_place_matches_the_generic_kernel(kind, sy):
     rng = np.random.default_rng(13)
-    models = {f"m{i}": _conv(case, rng, ACTS[kind], sy) for i, case in enumerate(POINTWISE)}
+    models = {f"m{i}": _conv(case, rng, kind, sy) for i, case in enumerate(POINTWISE)}
     built = _builds(models, "int8-gemm")
     for i, case in enumerate(POINTWISE):
         src = _source(built[f"m{i}"][0])

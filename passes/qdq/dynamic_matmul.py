@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from graphopt.graph import Graph, node_meta
 from graphopt.passes.qdq.placement import matches
-from graphopt.passes.qdq.rewrite import paired_values
-from graphopt.quant.observers import sqnr_db
+from graphopt.passes.qdq.rewrite import node_sqnr
 
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm"}
@@ -130,7 +129,7 @@ def matmul_report(
     ``inputs`` (the error of its own operands' rounding and of every int8 layer before it)."""
     if not nodes:
         return []
-    ref, got = paired_values(float_graph, gm, {n.name for n in nodes}, inputs)
+    sqnr = node_sqnr(float_graph, gm, {n.name: n.name for n in nodes}, inputs)
     rows = []
     for n in nodes:
         row: dict[str, Any] = {
@@ -139,9 +138,7 @@ def matmul_report(
             "op": "matmul (dynamic)",
             "scores": _feeds_softmax(n),
         }
-        a, b = ref.get(n.name), got.get(n.name)
-        if a is not None and b is not None:
-            s = sqnr_db(a, b)
-            row["sqnr_db"] = None if s is None else round(s, 2)
+        if n.name in sqnr:
+            row["sqnr_db"] = sqnr[n.name]
         rows.append(row)
     return rows

@@ -303,16 +303,24 @@ class _Values(fx.Interpreter):
         return v
 
 
-def paired_values(
-    float_graph: Graph, gm: fx.GraphModule, names: set[str], inputs: tuple[torch.Tensor, ...]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The outputs of the nodes ``names`` on ``inputs``: in the float graph, then in ``gm``."""
+def node_sqnr(
+    float_graph: Graph, gm: fx.GraphModule, pairs: dict[str, str], inputs: tuple[torch.Tensor, ...]
+) -> dict[str, float | None]:
+    """SQNR (dB, 2 decimals) of node ``pairs[name]`` of ``gm`` against node ``name`` of the
+    float graph, both run on ``inputs``, keyed by ``name`` (pairs missing from either run or
+    of different shapes are left out)."""
     with torch.no_grad():
-        ref = _Values(float_graph.module, names)
+        ref = _Values(float_graph.module, set(pairs))
         ref.run(*inputs)
-        got = _Values(gm, names)
+        got = _Values(gm, set(pairs.values()))
         got.run(*inputs)
-    return ref.values, got.values
+    out: dict[str, float | None] = {}
+    for name, other in pairs.items():
+        a, b = ref.values.get(name), got.values.get(other)
+        if a is not None and b is not None and a.shape == b.shape:
+            s = sqnr_db(a, b)
+            out[name] = None if s is None else round(s, 2)
+    return out
 
 
 def _dequantized(node: fx.Node) -> fx.Node:
@@ -343,13 +351,8 @@ def unit_report(
     """Per quantized unit: op, module, input and output qparams, weight scales and the SQNR
     (dB) of its dequantized output against the float model's, on ``inputs``."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    wanted = {u.out.name for u in units}
     deq = {u.out.name: _dequantized(nodes[u.out.name]).name for u in units if u.out.name in nodes}
-    with torch.no_grad():
-        ref = _Values(float_graph.module, wanted)
-        ref.run(*inputs)
-        got = _Values(gm, set(deq.values()))
-        got.run(*inputs)
+    sqnr = node_sqnr(float_graph, gm, deq, inputs)
     rows = []
     for u in units:
         if u.out.name not in nodes:
@@ -371,10 +374,8 @@ def unit_report(
                     if ws.numel() > 1
                     else float(ws[0])
                 )
-        a, b = ref.values.get(u.out.name), got.values.get(deq.get(u.out.name, ""))
-        if a is not None and b is not None and a.shape == b.shape:
-            s = sqnr_db(a, b)
-            row["sqnr_db"] = None if s is None else round(s, 2)
+        if u.out.name in sqnr:
+            row["sqnr_db"] = sqnr[u.out.name]
         rows.append(row)
     return rows
 
@@ -390,7 +391,7 @@ def dynamic_report(
 ) -> list[dict[str, Any]]:
     """Per dynamically quantized Linear: module, weight scales and the SQNR (dB) of its output
     against the float model's, on ``inputs``."""
-    ref, got = paired_values(float_graph, gm, {n.name for n in nodes}, inputs)
+    sqnr = node_sqnr(float_graph, gm, {n.name: n.name for n in nodes}, inputs)
     rows = []
     for n in nodes:
         ws = gm.get_submodule(str(n.target)).weight_scale
@@ -405,9 +406,7 @@ def dynamic_report(
                 "channels": ws.numel(),
             },
         }
-        a, b = ref.get(n.name), got.get(n.name)
-        if a is not None and b is not None:
-            s = sqnr_db(a, b)
-            row["sqnr_db"] = None if s is None else round(s, 2)
+        if n.name in sqnr:
+            row["sqnr_db"] = sqnr[n.name]
         rows.append(row)
     return rows

@@ -181,28 +181,44 @@ def _run_between(graph: Graph, ctx: PassContext, text: str, step: int) -> dict[s
 
 # -- importance -------------------------------------------------------------------------------------
 def _slice_scores(
-    t: torch.Tensor, dim: int, p: int, planes: dict[tuple[int, int], torch.Tensor] | None = None
+    t: torch.Tensor, dim: int, p: int, planes: dict[Any, Any] | None = None
 ) -> np.ndarray:
     """``Σ|x|^p`` over each slice of ``t`` along ``dim``. For dim 0 or 1 of a k x k weight, from
-    one plane ``P[i, j] = ‖x[i, j]‖_p`` kept in ``planes`` (``Σ_j P[i, j]^p``): the weight is
-    read once for its output and its input channels."""
+    the plane ``P[i, j] = Σ_k |x[i, j, k]|^p``: output channel ``i`` scores ``Σ_j P[i, j]``,
+    input channel ``j`` ``Σ_i P[i, j]``; both are kept in ``planes``, so the weight is read once.
+    Powers go into one reused scratch buffer (``planes["scratch"]``): p-norm reductions, or a
+    fresh tensor per weight (page faults), cost twice as much on resnet50."""
     x = t.detach()
     if x.dim() > 2 and dim in (0, 1):
-        plane = planes.get((id(t), p)) if planes is not None else None
-        if plane is None:
-            rest = tuple(range(2, x.dim()))
-            one = math.prod(x.shape[2:]) == 1  # a 1 x 1 conv's weight is its own plane
-            plane = x.flatten(1) if one else torch.linalg.vector_norm(x.float(), ord=p, dim=rest)
+        sums = planes.get((id(t), p)) if planes is not None else None
+        if sums is None:
+            one = x[0, 0].numel() == 1  # a 1 x 1 conv's weight is its own plane
+            plane = (
+                _power(x.flatten(1), p, planes) if one else _power(x, p, planes).flatten(2).sum(2)
+            )
+            sums = (plane.sum(1), plane.sum(0))
             if planes is not None:
-                planes[(id(t), p)] = plane
-        x = plane
-    others = [d for d in range(x.dim()) if d != dim]
-    if not others:
-        s = x.abs() if p == 1 else x.square()
+                planes[(id(t), p)] = sums
+        s = sums[dim]
     else:
-        s = torch.linalg.vector_norm(x.float(), ord=p, dim=others)
-        s = s if p == 1 else s.square()
+        x = _power(x, p, planes)
+        others = [d for d in range(x.dim()) if d != dim]
+        s = x.sum(dim=others) if others else x.clone()
     return s.double().numpy()
+
+
+def _power(x: torch.Tensor, p: int, planes: dict[Any, Any] | None) -> torch.Tensor:
+    """``|x|^p`` (p in {1, 2}) in float32, or float64 for float64 ``x``, written into
+    ``planes["scratch"]`` (grown as needed) when given; valid until the next call."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = None
+    if planes is not None:
+        buf = planes.get("scratch")
+        if buf is None or buf.dtype != dtype or buf.numel() < x.numel():
+            buf = planes["scratch"] = torch.empty(x.numel(), dtype=dtype)
+        out = buf[: x.numel()].view(x.shape)
+    x = x.to(dtype)
+    return torch.abs(x, out=out) if p == 1 else torch.square(x, out=out)
 
 
 def unit_scores(
@@ -216,7 +232,7 @@ def unit_scores(
     count = np.zeros(n)
     best = np.full(n, -np.inf)
     gm = ca.gm
-    planes: dict[tuple[int, int], torch.Tensor] = {}
+    planes: dict[Any, Any] = {}
     for m in ca.members:
         if importance == "bn-scale":
             if not (m.kind == "norm" and m.param == "weight"):

@@ -602,6 +602,18 @@ def test_plan_for_other_architecture_is_refused():
         apply_plan(Residual(), plan)
 
 
+@pytest.mark.parametrize("index", [16, -1])
+def test_plan_indices_outside_the_tensor_are_refused(index):
+    """A plan entry removing slice 16 of a 16-channel conv (or a negative index) names the
+    tensor instead of failing inside torch or wrapping around."""
+    member = {"owner": "stem.0", "param": "weight", "dim": 0, "removed": [0, index]}
+    plan = {"format": "graphopt-prune-plan", "version": 1, "rounds": [{"members": [member]}]}
+    model = Residual()
+    with pytest.raises(GraphoptError, match=r"stem\.0\.weight has 16 slices.*outside 0\.\.15"):
+        apply_plan(model, plan)
+    assert model.stem[0].weight.shape[0] == 16
+
+
 # -- random architectures ---------------------------------------------------------------------------------
 class RandomNet(nn.Module):
     """A random mix of residual, concat, split, grouped conv and flatten blocks."""

@@ -133,23 +133,27 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     """Slice the listed parameters of ``root`` and fix the touched modules' attributes."""
     depthwise = {}
     attention: dict[str, int] = {}
-    for e in members:
-        mod = root.get_submodule(e["owner"]) if e["owner"] else root
-        depthwise.setdefault(e["owner"], _is_depthwise(mod))
+    mods = {e["owner"]: root.get_submodule(e["owner"]) if e["owner"] else root for e in members}
+    for owner, mod in mods.items():
+        depthwise[owner] = _is_depthwise(mod)
         if isinstance(mod, nn.MultiheadAttention):
-            attention[e["owner"]] = mod.head_dim
+            attention[owner] = mod.head_dim
     touched = []
     for e in members:
-        mod = root.get_submodule(e["owner"]) if e["owner"] else root
+        mod = mods[e["owner"]]
         t = getattr(mod, e["param"])
-        n = t.shape[e["dim"]]
-        keep = torch.tensor(sorted(set(range(n)) - set(e["removed"])), dtype=torch.long)
+        n, drop = t.shape[e["dim"]], np.asarray(e["removed"], dtype=np.int64)
+        if len(drop) and (drop.min() < 0 or drop.max() >= n):
+            raise GraphoptError(
+                f"prune: {e['owner'] or 'the model'}.{e['param']} has {n} slices along dim "
+                f"{e['dim']}; the plan removes indices outside 0..{n - 1}"
+            )
+        keep = np.delete(np.arange(n), drop)
         with torch.no_grad():
-            _set_tensor(mod, e["param"], t.detach().index_select(e["dim"], keep))
+            _set_tensor(mod, e["param"], t.detach().index_select(e["dim"], torch.from_numpy(keep)))
         touched.append(e["owner"])
     for owner in dict.fromkeys(touched):
-        mod = root.get_submodule(owner) if owner else root
-        _fix_attributes(mod, depthwise.get(owner, False))
+        _fix_attributes(mods[owner], depthwise[owner])
     for owner, head_dim in attention.items():
         _to_self_attention(root, owner, head_dim)
     _fix_split_sizes(root, touched)

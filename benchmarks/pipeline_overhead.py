@@ -21,12 +21,22 @@ One untimed run of each tool comes first, so both import from bytecode caches (s
 of the rounds, and the ratio graphopt / Torch-Pruning of the median totals. Wall-clock times;
 "CPU ratio" is the same ratio of the processes' CPU time (``time.process_time``), which other
 jobs on a shared machine disturb less.
+
+Python's cyclic garbage collector makes a full collection (about 0.17 s once torch is
+imported: it scans every tracked object) when the objects promoted to its oldest generation
+since the last one exceed a quarter of those it held then. Whichever code crosses that line
+pays for all the allocations before it, so a cold run pays it or not by where the imports
+and the model left the count. "full GC s" is the time each tool's run spent in full
+collections; "ratio w/o full GC" compares the totals without them; "GC objects" is how many
+new tracked objects each run left in the oldest generation, the share of the next full
+collection it causes (one full collection per roughly 86,000).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -55,9 +65,41 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _FullCollections:
+    """Seconds Python's cyclic collector spends in full (generation 2) collections while
+    installed: a gc callback."""
+
+    def __init__(self):
+        self.seconds, self._t = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self._t = time.perf_counter()
+            else:
+                self.seconds += time.perf_counter() - self._t
+
+
+def _gc_start() -> _FullCollections:
+    clock = _FullCollections()
+    clock.kept_before = len(gc.get_objects(generation=2))
+    gc.callbacks.append(clock)
+    return clock
+
+
+def _gc_stop(clock: _FullCollections) -> dict:
+    """The full collections' time, and how many new GC-tracked objects the run left for the
+    collector to scan from now on (after a young collection moves survivors to the old
+    generation)."""
+    gc.callbacks.remove(clock)
+    gc.collect(1)
+    return {"gc": clock.seconds, "kept": len(gc.get_objects(generation=2)) - clock.kept_before}
+
+
 def worker_graphopt(name: str, size: int, threads: int, do_export: bool) -> dict:
     model, x = _model(name, size, threads)
     params0 = _params(model)
+    clock = _gc_start()
     c0, t0 = time.process_time(), time.perf_counter()
     import graphopt
     from graphopt.manager import Pipeline
@@ -80,6 +122,7 @@ def worker_graphopt(name: str, size: int, threads: int, do_export: bool) -> dict
     }
     stages["other"] = (t3 - t1) - sum(v for k, v in stages.items() if k != "import")
     out = {"stages": stages, "total": t3 - t0, "cpu": time.process_time() - c0}
+    out.update(_gc_stop(clock))
     out["params_kept"] = report.params / params0
     if do_export:
         import tempfile
@@ -100,6 +143,7 @@ def worker_torch_pruning(name: str, size: int, threads: int) -> dict:
     import torch.nn as nn
 
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    clock = _gc_start()
     c0, t0 = time.process_time(), time.perf_counter()
     import torch_pruning as tp
 
@@ -116,7 +160,8 @@ def worker_torch_pruning(name: str, size: int, threads: int) -> dict:
     t3 = time.perf_counter()
     stages = {"import": t1 - t0, "build": t2 - t1, "step": t3 - t2}
     cpu = time.process_time() - c0
-    return {"stages": stages, "total": t3 - t0, "cpu": cpu, "params_kept": _params(model) / params0}
+    out = {"stages": stages, "total": t3 - t0, "cpu": cpu, **_gc_stop(clock)}
+    return {**out, "params_kept": _params(model) / params0}
 
 
 def _run(tool: str, name: str, args) -> dict | None:
@@ -166,8 +211,8 @@ def main() -> None:
     head = ["model", "graphopt s", *GO_STAGES]
     head += ["export"] if args.export else []
     head += ["Torch-Pruning s", *(f"TP {s}" for s in TP_STAGES), "ratio", "CPU ratio"]
-    head += ["params kept go/TP"]
-    rows, ratios, cpu_ratios = [], [], []
+    head += ["full GC s go/TP", "ratio w/o full GC", "GC objects go/TP", "params kept go/TP"]
+    rows, ratios, cpu_ratios, bare_ratios = [], [], [], []
     for tool in ("graphopt", "torch-pruning"):  # untimed: writes both tools' bytecode caches
         _run(tool, models[0], args)
     for name in models:
@@ -189,12 +234,18 @@ def main() -> None:
         if go and tp:
             ratio = _median(go, "total") / _median(tp, "total")
             cpu_ratio = _median(go, "cpu") / _median(tp, "cpu")
+            bare = statistics.median(r["total"] - r["gc"] for r in go) / statistics.median(
+                r["total"] - r["gc"] for r in tp
+            )
             ratios.append(ratio)
             cpu_ratios.append(cpu_ratio)
+            bare_ratios.append(bare)
             row += [f"{ratio:.2f}", f"{cpu_ratio:.2f}"]
+            row += [f"{_median(go, 'gc'):.2f} / {_median(tp, 'gc'):.2f}", f"{bare:.2f}"]
+            row += [f"{_median(go, 'kept'):.0f} / {_median(tp, 'kept'):.0f}"]
             row += [f"{go[0]['params_kept']:.3f} / {tp[0]['params_kept']:.3f}"]
         else:
-            row += ["-", "-", "-"]
+            row += ["-"] * 6
         rows.append(row)
         print(" | ".join(row), file=sys.stderr)
     from graphopt.table import render
@@ -203,6 +254,7 @@ def main() -> None:
     if ratios:
         print(f"\nmedian ratio graphopt / Torch-Pruning: {statistics.median(ratios):.2f}")
         print(f"median CPU-time ratio: {statistics.median(cpu_ratios):.2f}")
+        print(f"median ratio without full collections: {statistics.median(bare_ratios):.2f}")
 
 
 if __name__ == "__main__":

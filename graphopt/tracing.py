@@ -22,6 +22,7 @@ What was bound and which leaves were made is in ``graph.trace_report``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
@@ -45,6 +46,54 @@ LeafSpec = str | type
 MAX_AUTO_LEAVES = 64
 
 
+class _Proxy(fx.Proxy):
+    """fx's proxy, except that a plain torch function called on proxies (``torch.flatten``,
+    ``torch.cat``) is recorded without ``torch.overrides``' table of every overridable
+    function, which fx consults to tell a ``Tensor`` method from a function: building it costs
+    about 12 ms and leaves some 1,400 objects for the collector (once per process). Anything
+    that is an attribute of ``torch.Tensor``, a property getter, a TorchScript method or a
+    higher-order operator goes to fx's own handler, so every call is recorded as before."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
+        if not _plain_function(orig_method):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        args, kwargs = args or (), kwargs or {}
+        tracers: dict[Any, None] = {}
+
+        def find_tracer(a: Any) -> None:
+            if isinstance(a, fx.Proxy):
+                tracers[a.tracer] = None
+
+        torch.utils._pytree.tree_map_(find_tracer, (args, kwargs))
+        if len(tracers) != 1:
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        tracer = next(iter(tracers))
+        name = tracer.graph._target_to_str(orig_method.__name__)
+        return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)
+
+
+_TENSOR_ATTRIBUTES: set[Any] = set()
+
+
+def _plain_function(f: Any) -> bool:
+    """Not a method or property of ``torch.Tensor`` (fx records such calls as
+    ``call_method``), a TorchScript method or a higher-order operator."""
+    if isinstance(f, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator)):
+        return False
+    name = getattr(f, "__name__", None)
+    if not isinstance(name, str) or name == "__get__":
+        return False
+    if not _TENSOR_ATTRIBUTES:
+        for attr in dir(torch.Tensor):
+            with contextlib.suppress(Exception):
+                _TENSOR_ATTRIBUTES.add(getattr(torch.Tensor, attr))
+    try:
+        return f not in _TENSOR_ATTRIBUTES
+    except TypeError:  # unhashable: let fx decide
+        return False
+
+
 class _Tracer(fx.Tracer):
     """An FX tracer that treats user-named modules as leaves and remembers the innermost module
     being traced when something fails."""
@@ -56,6 +105,9 @@ class _Tracer(fx.Tracer):
         self._leaf_types = tuple(s for s in leaf_modules if isinstance(s, type))
         self.user_leaves: set[str] = set()
         self.failed_path: str | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if (self._leaf_types and isinstance(m, self._leaf_types)) or any(

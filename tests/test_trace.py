@@ -296,3 +296,61 @@ def test_multiple_inputs_and_tuple_outputs():
     out = next(n for n in g.nodes if n.op == "output")
     assert [t.shape for t in node_meta(out).outputs] == [(2, 4), (2,)]
     assert node_meta(out).shape is None  # several outputs: no single shape
+
+
+class _FunctionsAndMethods(nn.Module):
+    """Plain torch functions and Tensor methods reaching the proxy's ``__torch_function__``."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.arange(4.0))
+
+    def forward(self, x):
+        y = torch.flatten(x, 1)  # a function
+        y = torch.cat([y, y], dim=1)  # a function over a list of proxies
+        z = torch.ones(4).add(y[:, :4])  # a real tensor's method with a proxy argument
+        return torch.nn.functional.relu(z) + self.offset
+
+
+def test_torch_functions_and_tensor_methods_are_recorded_as_fx_records_them(monkeypatch):
+    """graphopt's proxy skips torch.overrides' table for plain functions; the recorded ops must
+    still be fx's (call_function for functions, call_method for Tensor methods), and the code
+    the same as with fx's own proxy, here and on a torchvision model."""
+    import torch.fx as fx
+
+    from graphopt.tracing import _Tracer
+
+    x = torch.randn(2, 3, 2)
+    g = graphopt.trace(_FunctionsAndMethods(), x, frontend="fx")
+    ops = {(n.op, getattr(n.target, "__name__", n.target)) for n in g.nodes}
+    assert {("call_function", "flatten"), ("call_function", "cat")} <= ops
+    assert {("call_method", "add"), ("call_function", "relu")} <= ops
+    torch.testing.assert_close(g.module(x), _FunctionsAndMethods()(x))
+    tv = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    xs = torch.randn(1, 3, 64, 64)
+    cases = ((tv, xs), (_FunctionsAndMethods(), x))
+    ours = [graphopt.trace(m, i, frontend="fx").module.code for m, i in cases]
+    monkeypatch.setattr(_Tracer, "proxy", lambda self, node: fx.Proxy(node, self))
+    assert ours == [graphopt.trace(m, i, frontend="fx").module.code for m, i in cases]
+
+
+def test_the_proxy_fast_path_never_takes_a_tensor_method_for_a_function():
+    """Ground truth: torch.overrides.is_tensor_method_or_property, over every public function
+    of torch, torch.nn.functional, torch.linalg and torch.special and every attribute of
+    torch.Tensor (property getters included)."""
+    from graphopt.tracing import _plain_function
+
+    candidates = []
+    for ns in (torch, torch.nn.functional, torch.linalg, torch.special):
+        candidates += [getattr(ns, n) for n in dir(ns) if not n.startswith("_")]
+    for n in dir(torch.Tensor):
+        attr = inspect.getattr_static(torch.Tensor, n, None)
+        candidates.append(getattr(torch.Tensor, n, None))
+        if hasattr(attr, "__get__") and not callable(attr):
+            candidates.append(attr.__get__)
+    checked = 0
+    for f in candidates:
+        if callable(f) and _plain_function(f):
+            assert not torch.overrides.is_tensor_method_or_property(f), f
+            checked += 1
+    assert checked > 500  # the fast path covers the torch namespace's functions

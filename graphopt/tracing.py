@@ -22,7 +22,6 @@ What was bound and which leaves were made is in ``graph.trace_report``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import inspect
@@ -73,24 +72,29 @@ class _Proxy(fx.Proxy):
         return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)
 
 
-_TENSOR_ATTRIBUTES: set[Any] = set()
+_TENSOR_ATTRIBUTE_IDS: set[int] = set()
 
 
 def _plain_function(f: Any) -> bool:
     """Not a method or property of ``torch.Tensor`` (fx records such calls as
-    ``call_method``), a TorchScript method or a higher-order operator."""
+    ``call_method``), a TorchScript method or a higher-order operator. The class's permanent
+    attributes are known by id (no object is kept); one fetched afresh on each access (a bound
+    class method) by its name."""
     if isinstance(f, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator)):
         return False
     name = getattr(f, "__name__", None)
     if not isinstance(name, str) or name == "__get__":
         return False
-    if not _TENSOR_ATTRIBUTES:
+    if not _TENSOR_ATTRIBUTE_IDS:
         for attr in dir(torch.Tensor):
-            with contextlib.suppress(Exception):
-                _TENSOR_ATTRIBUTES.add(getattr(torch.Tensor, attr))
+            value = getattr(torch.Tensor, attr, None)
+            if value is getattr(torch.Tensor, attr, None):
+                _TENSOR_ATTRIBUTE_IDS.add(id(value))
+    if id(f) in _TENSOR_ATTRIBUTE_IDS:
+        return False
     try:
-        return f not in _TENSOR_ATTRIBUTES
-    except TypeError:  # unhashable: let fx decide
+        return not bool(getattr(torch.Tensor, name, None) == f)
+    except Exception:  # an exotic __eq__: let fx decide
         return False
 
 

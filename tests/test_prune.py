@@ -23,7 +23,8 @@ import graphopt
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError, GraphoptError, OptionError, PassFailure
 from graphopt.modules import SelfAttention
-from graphopt.passes.prune import _slice_scores, apply_plan, remove_units
+from graphopt.passes.prune import apply_plan, remove_units
+from graphopt.passes.prune.importance import _slice_scores
 
 from .channel_helpers import randomize_bn, zero_unit_inputs
 

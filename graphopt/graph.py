@@ -138,9 +138,7 @@ class Graph:
         this run instead of running the model a second time (:meth:`example_outputs`)."""
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            out = _ShapeRecorder(self.module).run(
-                *(inputs if inputs is not None else self.example_inputs)
-            )
+            out = _run_recording(self.module, inputs if inputs is not None else self.example_inputs)
         if inputs is None:
             self._example_outputs = (self._state_token(), detach_outputs(out))
         return out
@@ -209,31 +207,83 @@ class Graph:
         return f"Graph({type(self.module).__name__}, {n} nodes)"
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        self.args_shapes = [a for a in args if isinstance(a, torch.Tensor)]
-        # run_node raises a one-line DataError; keep fx from appending "While executing ..."
-        self.extra_traceback = False
-        return super().run(*args, **kwargs)
+def _run_recording(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
+    """Run ``gm``'s graph node by node on ``inputs``, recording each node's output shapes and
+    dtypes in its :class:`NodeMeta`; values are dropped after their last use.
 
-    def run_node(self, n: fx.Node) -> Any:
+    What ``fx.Interpreter`` does, in one loop: its per-node context managers and argument
+    plumbing cost 20-40% on top of the module's own forward (efficientnet_b0: 50 against
+    30 ms). A failing node raises a one-line :class:`~graphopt.errors.DataError` naming it."""
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, list[fx.Node]] = {}
+    seen: set[fx.Node] = set()
+    for node in reversed(nodes):
+        for used in node._input_nodes:
+            if used not in seen:
+                seen.add(used)
+                last_use.setdefault(node, []).append(used)
+    modules = dict(gm.named_modules())
+    env: dict[fx.Node, Any] = {}
+    get = env.__getitem__
+    args = iter(gm.graph.process_inputs(*inputs))
+    for node in nodes:
+        op = node.op
         try:
-            result = super().run_node(n)
+            if op == "placeholder":
+                if str(node.target).startswith("*"):
+                    value: Any = list(args)
+                else:
+                    value = next(args, _NO_INPUT)
+                    if value is _NO_INPUT:
+                        if not node.args:
+                            raise TypeError(f"missing input {node.target!r}")
+                        value = node.args[0]  # the parameter's default
+            elif op == "get_attr":
+                value = _fetch_attr(gm, str(node.target))
+            elif op == "output":
+                value = fx.node.map_arg(node.args[0], get)
+            else:
+                a, k = fx.node.map_arg(node.args, get), fx.node.map_arg(node.kwargs, get)
+                if op == "call_module":
+                    value = modules[node.target](*a, **k)
+                elif op == "call_function":
+                    value = node.target(*a, **k)
+                else:  # call_method
+                    value = getattr(a[0], node.target)(*a[1:], **k)
         except Exception as e:
             from .errors import DataError
 
-            meta = node_meta(n)
+            meta = node_meta(node)
             where = f" (module {meta.module_path!r})" if meta.module_path else ""
-            shapes = ", ".join(str(tuple(t.shape)) for t in self.args_shapes)
+            shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
             raise DataError(
-                f"node {n.name!r}{where} failed on inputs of shape {shapes}: "
+                f"node {node.name!r}{where} failed on inputs of shape {shapes}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                 "check the input shape (CLI: --input-shape)"
             ) from e
-        meta = node_meta(n)
-        meta.outputs = [TensorInfo.of(t) for t in _tensors_in(result)]
-        meta.container = isinstance(result, (list, tuple))
-        return result
+        env[node] = value
+        meta = node_meta(node)
+        meta.outputs = [TensorInfo.of(t) for t in _tensors_in(value)]
+        meta.container = isinstance(value, (list, tuple))
+        if op == "output":
+            return gm.graph.process_outputs(value)
+        for used in last_use.get(node, ()):
+            del env[used]
+    raise ValueError("the graph has no output node")
+
+
+_NO_INPUT = object()
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for i, atom in enumerate(target.split(".")):
+        if not hasattr(obj, atom):
+            raise AttributeError(
+                f"the module has no attribute {'.'.join(target.split('.')[: i + 1])}"
+            )
+        obj = getattr(obj, atom)
+    return obj
 
 
 def _plain(v: Any) -> bool:

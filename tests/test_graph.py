@@ -82,3 +82,32 @@ def test_a_nested_pipeline_is_not_recorded_twice():
     pipeline = graphopt.Pipeline.parse('prune(ratio=0.3,steps=2,between="dce")')
     pipeline.run(g)
     assert g.module.meta[PIPELINE_META] == str(pipeline) == "prune(ratio=0.3,steps=2,between=dce)"
+
+
+def test_shape_propagation_runs_every_node_kind_as_fx_interpreter_does():
+    """propagate_shapes runs the graph in its own loop; on a graph with a placeholder default,
+    a get_attr, call_module / call_function / call_method nodes and a tuple output it returns
+    what fx's Interpreter returns and records every node's shapes."""
+    import torch.fx as fx
+
+    root = nn.Module()
+    root.lin = nn.Linear(3, 4)
+    root.register_buffer("shift", torch.ones(4))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    k = g.placeholder("k", default_value=2.0)
+    y = g.call_module("lin", (x,))
+    s = g.get_attr("shift")
+    z = g.call_function(torch.add, (y, s), {"alpha": k})
+    v = g.call_method("view", (z, -1))
+    g.output((v, z))
+    gm = fx.GraphModule(root, g)
+    inp = torch.randn(2, 3)
+    graph = graphopt.Graph(gm, (inp,))
+    got = graph.propagate_shapes()
+    want = fx.Interpreter(gm).run(inp)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    shapes = {n.name: node_meta(n).shape for n in gm.graph.nodes}
+    assert shapes["lin"] == (2, 4) and shapes["view"] == (8,) and shapes["shift"] == (4,)
+    assert node_meta(next(n for n in gm.graph.nodes if n.op == "output")).container

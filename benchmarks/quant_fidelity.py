@@ -3,7 +3,7 @@ and whether ONNX Runtime, the torch simulation and the C backend compute the sam
 
     PYTHONPATH=/tmp/torchao_pkg python benchmarks/quant_fidelity.py [--models vgg,audio]
         [--calib-batches 8] [--cache DIR] [--no-c] [--best "fold-pad,fold-bn,qdq(...)"]
-        [--bootstrap 2000]
+        [--bootstrap 2000] [--ort-cpu EPYC-Rome]
 
 Models (``quant_fidelity_models.py``; trained on first use, a few seconds to a minute each on a CPU, cached under
 ``--cache``; nothing is downloaded): on scikit-learn's digits a VGG (the zoo's), a residual
@@ -16,8 +16,10 @@ BatchNorm after ReLU, sigmoid head) in two widths.
 Quantizers, all calibrated on the same batches (the first ``--calib-batches`` training batches
 of 32): graphopt ``fold-bn,qdq`` (defaults), graphopt's best options (``--best``), ORT
 ``quantize_static`` as its docs show it (``quant_pre_process``, then its defaults: QDQ, S8S8,
-the setting its docs recommend for CPUs without VNNI too; plus per-channel; MinMax or Percentile) on the fp32 export of the same model, and torchao PT2E
-(``X86InductorQuantizer``) when ``torchao`` imports.
+which its docs suggest for CPUs without VNNI too, though on an emulated AVX2 CPU ORT 1.32
+still saturates these models' S8S8 products; plus per-channel; MinMax or Percentile) on the
+fp32 export of the same model, and torchao PT2E (``X86InductorQuantizer``) when ``torchao``
+imports.
 
 Each int8 model runs in ORT (fused integer kernels, this CPU), in its own simulation (the
 graph after ``qdq`` / the converted PT2E module; for ORT's files: ORT with optimisations off,
@@ -25,16 +27,23 @@ i.e. the ONNX operator definitions) and in C (``graphopt.backends.c``). Measures
 fp32 model's outputs on the test split: argmax agreement and output SQNR (dB). "steps" is the
 largest difference between two engines in quantization steps of the output (for a float
 output behind an integer Gemm/MatMul: one input step through the layer, see ``output_step``).
+
+``--ort-cpu NAME`` runs the ORT column (and ORT's optimised graph) in ORT under qemu-user
+emulating the x86 CPU ``NAME`` (e.g. EPYC-Rome: AVX2 without VNNI; ``tests/emulated_cpu.py``)
+and gives graphopt's pipelines ``qdq(target=avx2)``, what ``target=auto`` picks on such a CPU.
+Everything else (training, quantizing, the simulations, C) runs on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -228,7 +237,39 @@ def _input_shape(path: Path) -> list[int]:
     return [d.dim_value or 1 for d in dims]
 
 
-def run_ort(path: Path, x: torch.Tensor, reference: bool = False) -> np.ndarray:
+def emulation():
+    """tests/emulated_cpu.py, imported by path (ORT under qemu-user)."""
+    if "emulated_cpu" not in sys.modules:
+        file = Path(__file__).resolve().parents[1] / "tests" / "emulated_cpu.py"
+        spec = importlib.util.spec_from_file_location("emulated_cpu", file)
+        sys.modules["emulated_cpu"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return sys.modules["emulated_cpu"]
+
+
+def with_target(pipeline: str, target: str) -> str:
+    """``pipeline`` with ``target=`` added to each ``qdq`` that names none."""
+
+    def sub(m: re.Match) -> str:
+        opts = m.group(1)
+        if opts and "target=" in opts:
+            return m.group(0)
+        return f"qdq(target={target}{',' + opts[1:-1] if opts and opts != '()' else ''})"
+
+    return re.sub(r"\bqdq(\([^)]*\))?", sub, pipeline)
+
+
+def run_ort(
+    path: Path, x: torch.Tensor, reference: bool = False, cpu: str | None = None, opt=None
+) -> np.ndarray:
+    """ORT's outputs for ``x``: this CPU, or the emulated x86 ``cpu`` (fused kernels only; ``opt``
+    saves the graph ORT optimised there)."""
+    if cpu and not reference:
+        name = onnx.load(str(path)).graph.input[0].name
+        outs = emulation().run_ort_emulated(
+            path, {name: x.numpy()}, cpu, batch=batch_size(path), optimized_model_path=opt
+        )
+        return outs[0]
     sess = gort.session(path, reference=reference)
     return np.concatenate([gort.run(sess, b)[0] for b in x.split(batch_size(path))])
 
@@ -241,9 +282,11 @@ def run_c(path: Path, x: torch.Tensor) -> np.ndarray:
     return np.concatenate([cm.run(xs[i : i + 1])[0] for i in range(len(xs))])
 
 
-def ort_ops(path: Path, tmp: Path) -> str:
-    opt = tmp / f"{path.stem}.opt.onnx"
-    gort.session(path, optimized_model_path=opt)
+def ort_ops(path: Path, tmp: Path, opt: Path | None = None) -> str:
+    """Integer/float compute ops in ORT's optimised graph (``opt`` when already written)."""
+    if opt is None or not opt.is_file():
+        opt = tmp / f"{path.stem}.opt.onnx"
+        gort.session(path, optimized_model_path=opt)
     ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
     ints = sum(v for k, v in ops.items() if k in INT_OPS)
     return f"{ints}/{sum(v for k, v in ops.items() if k in FLOAT_OPS)}"
@@ -305,14 +348,18 @@ def steps(a: np.ndarray | None, b: np.ndarray | None, step: float | None) -> str
     return f"{diff / step:.2f}"
 
 
-def measure(case: Case, q: Quantized, ref: np.ndarray, tmp: Path, c: bool) -> dict:
-    """Outputs of ``q`` in ORT, its simulation (or ORT's spec reference) and C, and measures."""
+def measure(
+    case: Case, q: Quantized, ref: np.ndarray, tmp: Path, c: bool, ort_cpu: str | None = None
+) -> dict:
+    """Outputs of ``q`` in ORT (this CPU or the emulated ``ort_cpu``), its simulation (or ORT's
+    spec reference) and C, and measures."""
     x = case.task.x_test
     out: dict = {"label": q.label, "error": q.error}
     engines: dict[str, np.ndarray | None] = {"ort": None, "sim": None, "c": None}
     if q.path is not None:
-        engines["ort"] = run_ort(q.path, x)
-        out["int_ops"] = ort_ops(q.path, tmp)
+        opt = tmp / f"{q.path.stem}.{ort_cpu}.onnx" if ort_cpu else None
+        engines["ort"] = run_ort(q.path, x, cpu=ort_cpu, opt=opt)
+        out["int_ops"] = ort_ops(q.path, tmp, opt)
         if q.simulate is None:
             engines["sim"] = run_ort(q.path, x, reference=True)
         if c:
@@ -338,10 +385,13 @@ def measure(case: Case, q: Quantized, ref: np.ndarray, tmp: Path, c: bool) -> di
     return out
 
 
-def quantizers(case: Case, tmp: Path, best: str, ort_extra: bool = False) -> list[Quantized]:
+def quantizers(
+    case: Case, tmp: Path, best: str, ort_extra: bool = False, target: str | None = None
+) -> list[Quantized]:
     fp32 = gort.export(graphopt.trace(case.model, case.example), tmp / f"{case.name}_fp32.onnx")
     out = []
     for i, pipeline in enumerate((DEFAULT, best)):
+        pipeline = with_target(pipeline, target) if target else pipeline
         try:
             out.append(graphopt_qdq(case, pipeline, tmp / f"{case.name}_qdq{i}.onnx"))
         except Exception as e:  # noqa: BLE001 - reported in the table
@@ -417,7 +467,11 @@ HEAD = [
 ]  # fmt: skip
 
 
-def run_suite(names, cache, calib_batches, best, c=True, ort_extra=False, epochs=None, log=print):
+def run_suite(
+    names, cache, calib_batches, best, c=True, ort_extra=False, epochs=None, log=print, ort_cpu=None
+):
+    """The table rows, verdicts and raw outputs; ``ort_cpu``: the ORT column runs on that
+    emulated x86 CPU (without VNNI) and graphopt's ``qdq`` gets ``target=avx2``."""
     rows, verdicts, summary = [], [], {}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -429,12 +483,12 @@ def run_suite(names, cache, calib_batches, best, c=True, ort_extra=False, epochs
             with torch.no_grad():
                 ref = case.model(case.task.x_test).numpy()
             results = []
-            for q in quantizers(case, tmp, best, ort_extra):
+            for q in quantizers(case, tmp, best, ort_extra, "avx2" if ort_cpu else None):
                 t0 = time.perf_counter()
                 if q.path is None and q.simulate is None:
                     results.append({"label": q.label, "error": q.error})
                 else:
-                    results.append(measure(case, q, ref, tmp, c))
+                    results.append(measure(case, q, ref, tmp, c, ort_cpu))
                 log(f"  {q.label}: {time.perf_counter() - t0:.1f}s")
             summary[name] = {"ref": ref, "results": results}
             rows += rows_for(case, results)
@@ -464,6 +518,13 @@ def main() -> None:
         help="add a table: graphopt defaults minus each other quantizer, SQNR and agreement "
         "in ORT with 95%% intervals from N paired resamples of the test inputs",
     )
+    ap.add_argument(
+        "--ort-cpu",
+        default=None,
+        metavar="NAME",
+        help="run the ORT column under qemu-user emulating x86 CPU NAME (e.g. EPYC-Rome: AVX2, "
+        "no VNNI) and give graphopt's qdq target=avx2",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     import onnxruntime
@@ -481,9 +542,11 @@ def main() -> None:
         f"{platform.machine()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
+    if args.ort_cpu:
+        print(f"# ORT column: {emulation().describe(args.ort_cpu)}; graphopt qdq target=avx2")
     rows, verdicts, summary = run_suite(
         args.models.split(","), cache, args.calib_batches, args.best, not args.no_c,
-        args.ort_reduce_range,
+        args.ort_reduce_range, ort_cpu=args.ort_cpu,
     )  # fmt: skip
     print()
     print(render(HEAD, rows, markdown=True))

@@ -22,12 +22,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.backends.c import build_many, conv_dw, conv_q8, opbase
+from graphopt.backends.c import build_many, conv_dw, conv_q8
 from graphopt.backends.c.csrc_int8 import lane_tables
 
-from .test_c_depthwise import _conv, _near_ort, _source
+from .test_c_depthwise import _both, _conv, _near_ort, _source
 
-NATIVE = ("-O3", "-march=native")
 PLAIN = ("-O2",)
 
 # (C, M, H, W, K, stride, pads [t, l, b, r], group, dilation)
@@ -66,17 +65,12 @@ POINTWISE = [
 
 def _builds(models: dict, fast: str) -> dict:
     """{name: (specialised -O3 -march=native, specialised -O2, generic -O3 -march=native)}."""
-    native = build_many(models, flags=NATIVE)
+    both = _both(models, fast)  # test_c_depthwise's -O3 -march=native pair
     plain = build_many(models, flags=PLAIN)
-    opbase.FAST.discard(fast)
-    try:
-        gen = build_many(models, flags=NATIVE)
-    finally:
-        opbase.FAST.add(fast)
     for name in models:
-        for cm in (native[name], plain[name], gen[name]):
+        for cm in (*both[name], plain[name]):
             assert not isinstance(cm, Exception), (name, cm)
-    return {k: (native[k], plain[k], gen[k]) for k in models}
+    return {k: (both[k][0], plain[k], both[k][1]) for k in models}
 
 
 def _check(models, built, cases, rng, sy):

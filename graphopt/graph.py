@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -239,7 +240,7 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
                             raise TypeError(f"missing input {node.target!r}")
                         value = node.args[0]  # the parameter's default
             elif op == "get_attr":
-                value = _fetch_attr(gm, str(node.target))
+                value = operator.attrgetter(node.target)(gm)
             elif op == "output":
                 value = fx.node.map_arg(node.args[0], get)
             else:
@@ -273,17 +274,6 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
 
 
 _NO_INPUT = object()
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for i, atom in enumerate(target.split(".")):
-        if not hasattr(obj, atom):
-            raise AttributeError(
-                f"the module has no attribute {'.'.join(target.split('.')[: i + 1])}"
-            )
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _plain(v: Any) -> bool:

@@ -156,14 +156,20 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             a = b = np.zeros(0, dtype=np.int64)
         self.n_units, self.labels = connected_components(n, a, b)
         self._size_pairs()
-        locked = np.zeros(self.n_units, dtype=bool)
-        self.unit_lock_reason: dict[int, str] = {}
-        for elems, reason in self._locks:
-            labs = unique(self.labels[elems])
-            new = labs[~locked[labs]]
-            for u in new[:1]:
-                self.unit_lock_reason.setdefault(int(u), reason)
-            locked[labs] = True
+        # each unit's first lock; each lock's reason goes to the smallest unit it locks first
+        n_locks = len(self._locks)
+        first = np.full(self.n_units, n_locks, dtype=np.int64)
+        if n_locks:
+            which = np.repeat(np.arange(n_locks), [len(e) for e, _ in self._locks])
+            np.minimum.at(first, self.labels[np.concatenate([e for e, _ in self._locks])], which)
+        locked = first < n_locks
+        lu = np.flatnonzero(locked)
+        by_lock = np.argsort(first[lu], kind="stable")
+        fl = first[lu][by_lock]
+        new = np.r_[True, fl[1:] != fl[:-1]] if len(fl) else np.zeros(0, dtype=bool)
+        self.unit_lock_reason: dict[int, str] = {
+            u: self._locks[i][1] for u, i in zip(lu[by_lock][new].tolist(), fl[new].tolist())
+        }
         self.unit_locked = locked
         self.element_space = np.zeros(n, dtype=np.int64)
         for s in self.spaces:
@@ -185,8 +191,8 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         constant (``"constant"``); else both are locked.
         """
         pre = np.zeros(self.n_units, dtype=bool)
-        for elems, _ in self._locks:
-            pre[self.labels[elems]] = True
+        if self._locks:
+            pre[self.labels[np.concatenate([e for e, _ in self._locks])]] = True
         for a_id, b_id, where, dim, scalable in self.size_pairs:
             sa, sb = self.spaces[a_id], self.spaces[b_id]
             ua = set(unique(self.labels[sa.elements()]).tolist())
@@ -217,19 +223,32 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         keys = unique(self.labels[elems] * n_spaces + self.element_space[elems])
         pair_units, pair_spaces = keys // n_spaces, keys % n_spaces
         starts = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
-        spaces, bounds = pair_spaces.tolist(), [*starts.tolist(), len(keys)]
-        by_sig: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for u, a, b in zip(pair_units[starts].tolist(), bounds[:-1], bounds[1:]):
-            by_sig[tuple(spaces[a:b])].append(u)
+        # one row per unit: its spaces, padded with -1; equal rows are one group
+        row = np.cumsum(np.r_[True, pair_units[1:] != pair_units[:-1]]) - 1
+        col = np.arange(len(keys)) - starts[row]
+        sigs = np.full((len(starts), int(col.max()) + 1), -1, dtype=np.int64)
+        sigs[row, col] = pair_spaces
+        order = np.lexsort(sigs.T[::-1])  # rows sorted; ties keep unit order
+        new_sig = np.r_[True, (sigs[order[1:]] != sigs[order[:-1]]).any(axis=1)]
+        group_of = np.empty(len(order), dtype=np.int64)
+        group_of[order] = np.cumsum(new_sig) - 1
+        firsts = order[new_sig]  # each group's first (smallest) unit, in group-number order
+        unit_ids = pair_units[starts]
         member_by_space: dict[int, list[int]] = defaultdict(list)
         for i, m in enumerate(self.members):
             member_by_space[m.space].append(i)
-        for gid, (sig, us) in enumerate(sorted(by_sig.items(), key=lambda kv: min(kv[1]))):
+        by_group = np.argsort(group_of, kind="stable")
+        bounds = np.searchsorted(group_of[by_group], np.arange(len(firsts) + 1))
+        # groups numbered in the order of their smallest unit
+        for gid, g in enumerate(np.argsort(firsts, kind="stable").tolist()):
+            rep = sigs[firsts[g]]
+            sig = tuple(rep[rep >= 0].tolist())
+            us = unit_ids[by_group[bounds[g] : bounds[g + 1]]]
             mem = [i for s in sig for i in member_by_space.get(s, [])]
             prods = sorted({self.members[i].owner for i in mem if self.members[i].kind == "out"})
             stats = any(sp in self.stat_spaces for sp in sig)
             heads = any(sp in self.head_spaces for sp in sig)
-            self.groups.append(Group(gid, np.array(sorted(us)), sig, mem, prods, stats, heads))
+            self.groups.append(Group(gid, us, sig, mem, prods, stats, heads))
 
     # -- results -------------------------------------------------------------------------------------
     def units_of(self, member: Member) -> np.ndarray:

@@ -40,8 +40,11 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.
                 if np.array_equal(up, label):
                     break
                 label = up
-    roots, labels = np.unique(label, return_inverse=True)
-    return len(roots), labels.astype(np.int64)
+    # every label is now its component's smallest vertex (a root: label[r] == r), so the
+    # component number is the root's rank among the roots; no sort needed
+    is_root = label == np.arange(n, dtype=np.int64)
+    rank = np.cumsum(is_root) - 1
+    return int(is_root.sum()), rank[label]
 
 
 def unique(a: np.ndarray) -> np.ndarray:

@@ -104,12 +104,19 @@ class Coupling:
         return None
 
     # -- primitive facts --------------------------------------------------------------------------
-    def couple(self, a: np.ndarray, b: np.ndarray) -> None:
+    def couple(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        spaces: tuple[list[int], list[int]] | None = None,
+    ) -> None:
+        """Couple element ``a[i]`` with ``b[i]``; ``spaces`` (the space ids of ``a`` and of
+        ``b``) spares the lookup when the caller knows them."""
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
         if a.size:
             self._edges.append((a, b))
             if self.bearing:
-                sa, sb = self._space_ids(a), self._space_ids(b)
+                sa, sb = spaces or (self._space_ids(a), self._space_ids(b))
                 if self.bearing.intersection(sa) or self.bearing.intersection(sb):
                     self.bearing.update(sa)
                     self.bearing.update(sb)
@@ -125,7 +132,7 @@ class Coupling:
         """Identity coupling of two spaces of the same size; False if impossible."""
         if a.sizes != b.sizes:
             return False
-        self.couple(a.elements(), b.elements())
+        self.couple(a.elements(), b.elements(), ([a.id], [b.id]))
         return True
 
     def lock(self, space: Space | None, reason: str) -> None:

@@ -71,6 +71,13 @@ class NodeMeta:
         return self.outputs[0].dtype if len(self.outputs) == 1 else None
 
 
+def code_state(graph: fx.Graph) -> list[tuple[Any, ...]]:
+    """What ``graph``'s generated code depends on: each node, its op, target and arguments in
+    order (fx keeps arguments in immutable containers), so equal states give equal code and a
+    pass that only changed parameters needs no recompile."""
+    return [(n, n.op, n.target, n.args, n.kwargs) for n in graph.nodes]
+
+
 def node_meta(node: fx.Node) -> NodeMeta:
     """The :class:`NodeMeta` of ``node``, created empty if a pass added the node without one."""
     meta = node.meta.get(META_KEY)

@@ -31,7 +31,7 @@ from .errors import (
     PassFailure,
     VerificationError,
 )
-from .graph import PIPELINE_META, Graph, detach_outputs, node_meta
+from .graph import PIPELINE_META, Graph, code_state, detach_outputs, node_meta
 from .instruments import DumpDir, Instrument, Timing
 from .metrics import drift, within
 from .options import build_options, fields_of, format_value, text_name
@@ -293,6 +293,7 @@ class Pipeline:
             before = graph.copy() if (verify and p.exact) or dump is not None else None
             for ins in instr:
                 ins.before_pass(p, graph, index - 1)
+            code = code_state(graph.module.graph)
             t0 = time.perf_counter()
             try:
                 result = p.run(graph, ctx)
@@ -328,7 +329,8 @@ class Pipeline:
             if result.modified:
                 graph.invalidate()
                 try:
-                    example_out = _check_structure(graph, p)
+                    same_code = code_state(graph.module.graph) == code
+                    example_out = _check_structure(graph, p, recompile=not same_code)
                     if verify:
                         # the shape propagation just ran the example inputs: reuse its outputs
                         if ref_inputs is graph.example_inputs:
@@ -377,11 +379,14 @@ def _forward(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
     return detach_outputs(out)
 
 
-def _check_structure(graph: Graph, p: Pass) -> Any:
-    """Lint, recompile and propagate shapes after ``p``; returns the outputs on the example
-    inputs (from the propagation)."""
+def _check_structure(graph: Graph, p: Pass, recompile: bool = True) -> Any:
+    """Lint, recompile (unless ``p`` left the code as it was) and propagate shapes after
+    ``p``; returns the outputs on the example inputs (from the propagation)."""
     try:
-        graph.recompile()
+        if recompile:
+            graph.recompile()
+        else:
+            graph.module.graph.lint()
     except Exception as e:
         raise VerificationError(
             f"pass {p.name!r} left an invalid graph: {e}", pass_name=p.name

@@ -37,6 +37,7 @@ import torch.fx as fx
 
 from .errors import DataError, TraceError, first_line
 from .graph import PROGRAM_META, TRACE_META, Graph, NodeMeta
+from .module_copy import copy_module
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def trace(
     args, kwargs = _split_inputs(example_inputs)
     tensors, bound, order = _bind(model, args, kwargs)
     try:
-        root = copy.deepcopy(model)
+        root = copy_module(model)
     except Exception as e:  # pragma: no cover - exotic modules
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.errors import GraphoptError
-from graphopt.graph import Graph, node_meta
+from graphopt.graph import Graph, code_state, node_meta
 from graphopt.modules import SelfAttention, window_attention
 from graphopt.optypes import CONV, CONV_T
 
@@ -67,8 +67,10 @@ def remove_units(
     removed = np.isin(ca.labels, units)
     members = _plan_members(ca, removed)
     apply_members(graph.module, members)
+    code = code_state(graph.module.graph)
     _rewrite_nodes(ca, graph.module, removed)
-    graph.module.recompile()
+    if code_state(graph.module.graph) != code:  # else only parameters shrank: same code
+        graph.module.recompile()
     graph.invalidate()
     if propagate:
         graph.propagate_shapes()

@@ -71,6 +71,12 @@ class NodeMeta:
         return self.outputs[0].dtype if len(self.outputs) == 1 else None
 
 
+def modules_by_path(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every submodule of ``root`` by dotted path (a shared one under each of its paths): one
+    walk, for code that would otherwise call ``get_submodule`` once per node or parameter."""
+    return dict(root.named_modules(remove_duplicate=False))
+
+
 def code_state(graph: fx.Graph) -> list[tuple[Any, ...]]:
     """What ``graph``'s generated code depends on: each node, its op, target and arguments in
     order (fx keeps arguments in immutable containers), so equal states give equal code and a
@@ -181,8 +187,8 @@ class Graph:
             stack += [c for c in m._modules.values() if c is not None]
         try:
             with torch.no_grad():
-                state = tuple(
-                    (id(t), t.data_ptr(), t._version, t.shape, float(t.sum()) if t.numel() else 0)
+                state = tuple(  # plain ints and floats: the collector stops tracking it
+                    (id(t), t.data_ptr(), t._version, float(t.sum()) if t.numel() else 0, *t.shape)
                     for t in tensors
                 )
         except Exception:  # a tensor without storage (meta, fake): never reuse

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from .errors import DataError, TraceError, first_line
-from .graph import PROGRAM_META, TRACE_META, Graph, NodeMeta
+from .graph import PROGRAM_META, TRACE_META, Graph, NodeMeta, modules_by_path
 from .module_copy import copy_module
 
 log = logging.getLogger(__name__)
@@ -446,11 +446,12 @@ def _trace_error(model: torch.nn.Module, e: BaseException, path: str | None) -> 
 
 def _annotate(gm: fx.GraphModule, user_leaves: set[str]) -> None:
     """Fill each node's :class:`NodeMeta` with its module path, type and provenance."""
+    modules = modules_by_path(gm)
     for node in gm.graph.nodes:
         meta = NodeMeta()
         if node.op == "call_module":
             meta.module_path = str(node.target)
-            meta.module_type = type(gm.get_submodule(node.target)).__name__
+            meta.module_type = type(modules[node.target]).__name__
             meta.provenance = [meta.module_path]
             meta.leaf = meta.module_path in user_leaves
         else:

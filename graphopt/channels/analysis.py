@@ -117,7 +117,7 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
                 return True  # pure arithmetic on sizes
             return False
         if op == "call_module":
-            return self._visit_module(node, self.gm.get_submodule(node.target))
+            return self._visit_module(node, self.module(node.target))
         if op == "call_function":
             return self._visit_function(node)
         if op == "call_method":

@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 
-from graphopt.graph import Graph, node_meta
+from graphopt.graph import Graph, modules_by_path, node_meta
 
 from .components import unique
 from .records import Member, Rewrite, Space
@@ -39,6 +40,7 @@ class Coupling:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.gm = graph.module
+        self.modules = modules_by_path(self.gm)
         self.spaces: list[Space] = []
         self.layout: dict[tuple[str, int], list[Space]] = {}
         self.members: list[Member] = []
@@ -57,6 +59,11 @@ class Coupling:
         self.head_spaces: set[int] = set()  # head axes of attention products
         self._bases: list[int] = []
         self._base_arr = np.zeros(0, dtype=np.int64)
+
+    def module(self, path: str) -> torch.nn.Module:
+        """The submodule at ``path`` (``get_submodule``'s error if there is none)."""
+        mod = self.modules.get(path)
+        return mod if mod is not None else self.gm.get_submodule(path)
 
     # -- spaces -------------------------------------------------------------------------------
     def _shape(self, node: Any, out: int = 0) -> tuple[int, ...] | None:

@@ -309,7 +309,7 @@ class AttentionRules(Coupling):
             found = False
             for user in node.users if depth < 16 else ():
                 if user.op == "call_module":
-                    mod = self.gm.get_submodule(str(user.target))
+                    mod = self.module(str(user.target))
                     if not user.args or user.args[0] is not node:
                         continue
                     r = len(self._shape(node) or ())

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.errors import GraphoptError
-from graphopt.graph import Graph, code_state, node_meta
+from graphopt.graph import Graph, code_state, modules_by_path, node_meta
 from graphopt.modules import SelfAttention, window_attention
 from graphopt.optypes import CONV, CONV_T
 
@@ -47,9 +47,14 @@ __all__ = [
 PLAN_FORMAT = "graphopt-prune-plan"
 
 
-def member_tensor(root: nn.Module, member: Member) -> torch.Tensor:
-    """The parameter or buffer a member slices (``root``'s ``member.owner.member.param``)."""
-    mod = root.get_submodule(member.owner) if member.owner else root
+def member_tensor(
+    root: nn.Module, member: Member, modules: dict[str, nn.Module] | None = None
+) -> torch.Tensor:
+    """The parameter or buffer a member slices (``root``'s ``member.owner.member.param``);
+    ``modules`` (:func:`~graphopt.graph.modules_by_path` of ``root``) spares the lookup."""
+    mod = modules.get(member.owner) if modules is not None else None
+    if mod is None:
+        mod = root.get_submodule(member.owner) if member.owner else root
     return getattr(mod, member.param)
 
 
@@ -135,15 +140,21 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     """Slice the listed parameters of ``root`` and fix the touched modules' attributes."""
     depthwise = {}
     attention: dict[str, int] = {}
-    mods = {e["owner"]: root.get_submodule(e["owner"]) if e["owner"] else root for e in members}
+    found = modules_by_path(root)
+    mods = {o: found.get(o) for o in dict.fromkeys(e["owner"] for e in members)}
+    for o, mod in mods.items():
+        if mod is None:
+            mods[o] = root.get_submodule(o)  # raises, naming the missing path
     for owner, mod in mods.items():
         depthwise[owner] = _is_depthwise(mod)
         if isinstance(mod, nn.MultiheadAttention):
             attention[owner] = mod.head_dim
     touched = []
+    sliced: dict[tuple[str, str], torch.Tensor] = {}  # a tensor sliced along several dims
     for e in members:
         mod = mods[e["owner"]]
-        t = getattr(mod, e["param"])
+        key = (e["owner"], e["param"])
+        t = sliced[key] if key in sliced else getattr(mod, e["param"])
         n, drop = t.shape[e["dim"]], np.asarray(e["removed"], dtype=np.int64)
         if len(drop) and (drop.min() < 0 or drop.max() >= n):
             raise GraphoptError(
@@ -152,8 +163,10 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
             )
         keep = np.delete(np.arange(n), drop)
         with torch.no_grad():
-            _set_tensor(mod, e["param"], t.detach().index_select(e["dim"], torch.from_numpy(keep)))
+            sliced[key] = t.detach().index_select(e["dim"], torch.from_numpy(keep))
         touched.append(e["owner"])
+    for (owner, param), t in sliced.items():  # one new Parameter per tensor, not per dim
+        _set_tensor(mods[owner], param, t)
     for owner in dict.fromkeys(touched):
         _fix_attributes(mods[owner], depthwise[owner])
     for owner, head_dim in attention.items():

@@ -84,7 +84,7 @@ def unit_scores(
         units = ca.units_of(m)
         if not ca.unit_prunable[units].any():
             continue  # no unit of this member can go: its score is never read
-        t = member_tensor(gm, m)
+        t = member_tensor(gm, m, ca.modules)
         if importance in ("l1", "bn-scale"):
             s = _slice_scores(t, m.dim, 1, planes)
         elif importance == "l2":

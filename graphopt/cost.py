@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import Graph, node_meta
 
@@ -91,6 +90,8 @@ def module_macs(
         for path, m in module.named_modules()
         if isinstance(m, (*_SHAPE_COUNTED, _dynamic_linear_type()))
     ]
+    from torch.utils.flop_counter import FlopCounterMode  # at first use: ~5 ms to import
+
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

@@ -106,6 +106,10 @@ class Graph:
         self.example_inputs = tuple(example_inputs)
         self._analyses: dict[Callable[[Graph], Any], Any] = {}
         self._example_outputs: tuple[tuple, Any] | None = None
+        self.compiled_state: list[tuple[Any, ...]] | None = None
+        """The :func:`code_state` the module's code was last generated from, when known (the
+        pass manager sets it before each pass and :meth:`recompile` after it recompiles), so
+        the manager skips a second recompile; ``None`` when unknown."""
 
     @property
     def trace_report(self) -> dict[str, Any]:
@@ -142,6 +146,8 @@ class Graph:
         """Lint the FX graph and regenerate the module's code."""
         self.module.graph.lint()
         self.module.recompile()
+        if self.compiled_state is not None:
+            self.compiled_state = code_state(self.module.graph)
 
     def propagate_shapes(self, inputs: tuple[torch.Tensor, ...] | None = None) -> Any:
         """Run the module once on ``inputs`` (the example inputs by default), recording every

@@ -293,7 +293,7 @@ class Pipeline:
             before = graph.copy() if (verify and p.exact) or dump is not None else None
             for ins in instr:
                 ins.before_pass(p, graph, index - 1)
-            code = code_state(graph.module.graph)
+            graph.compiled_state = code_state(graph.module.graph)  # the code is current here
             t0 = time.perf_counter()
             try:
                 result = p.run(graph, ctx)
@@ -303,6 +303,7 @@ class Pipeline:
                         "return PassResult(modified=..., report=...)"
                     )
             except Exception as e:
+                graph.compiled_state = None
                 for ins in instr:
                     ins.on_failure(p, graph, index, e)
                 so_far = ",".join(str(s) for s in self.specs[:index])
@@ -326,11 +327,18 @@ class Pipeline:
                 details=result.report,
             )
             t_check = time.perf_counter()
+            # the code is current if the graph is as it was before the pass or at its last
+            # Graph.recompile() inside the pass (a pass that changed only parameters, or that
+            # recompiled itself)
+            current = code_state(graph.module.graph) == graph.compiled_state
+            graph.compiled_state = None
+            if not result.modified and not current:
+                log.warning("pass %r changed the graph but reported no change", p.name)
+                graph.recompile()
             if result.modified:
                 graph.invalidate()
                 try:
-                    same_code = code_state(graph.module.graph) == code
-                    example_out = _check_structure(graph, p, recompile=not same_code)
+                    example_out = _check_structure(graph, p, recompile=not current)
                     if verify:
                         # the shape propagation just ran the example inputs: reuse its outputs
                         if ref_inputs is graph.example_inputs:

@@ -544,3 +544,73 @@ def test_an_edit_after_trace_gets_a_fresh_reference(graph, edit):
 
 def test_example_outputs_match_a_plain_forward(graph):
     torch.testing.assert_close(graph.example_outputs(), graph.module(X), rtol=0, atol=0)
+
+
+# -- recompiling only when the code changed ------------------------------------------------------
+class SwapReluForNeg(Pass):
+    """Rewrites the graph (relu -> neg) and does not recompile: the manager must."""
+
+    name = "test-swap-relu"
+    exact = False
+
+    def run(self, graph, ctx):
+        for n in graph.module.graph.nodes:
+            if n.op == "call_module" and n.target == "relu":
+                n.op, n.target = "call_function", torch.neg
+        return PassResult(True, {})
+
+
+class SwapSilently(SwapReluForNeg):
+    name = "test-swap-silently"
+
+    def run(self, graph, ctx):
+        super().run(graph, ctx)
+        return PassResult(False, {})
+
+
+def _counting_recompiles(graph, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = type(graph.module).recompile
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(type(graph.module), "recompile", counted)
+    return calls
+
+
+def test_parameter_only_pass_is_not_recompiled(graph, monkeypatch):
+    calls = _counting_recompiles(graph, monkeypatch)
+    code = graph.module.code
+    result = Pipeline.of(ScaleOutput).run(graph)
+    assert calls == [] and graph.module.code == code
+    assert result.reports[0].drift["max_abs"] > 0  # the check forward still ran
+
+
+def test_graph_change_without_recompile_is_recompiled(graph, monkeypatch):
+    calls = _counting_recompiles(graph, monkeypatch)
+    Pipeline.of(SwapReluForNeg).run(graph)
+    assert len(calls) == 1 and "torch.neg" in graph.module.code
+    x = graph.module.conv(X)  # the module computes the rewritten graph
+    want = graph.module.fc(torch.flatten(graph.module.pool(-graph.module.bn(x)), 1))
+    torch.testing.assert_close(graph.module(X), want)
+
+
+def test_graph_change_reported_as_none_is_recompiled_with_a_warning(graph, caplog):
+    with caplog.at_level(logging.WARNING, logger="graphopt.manager"):
+        Pipeline.of(SwapSilently).run(graph)
+    assert "torch.neg" in graph.module.code
+    assert "test-swap-silently" in caplog.text and "reported no change" in caplog.text
+    assert graph.compiled_state is None  # no node list is kept between runs
+
+
+def test_pass_that_recompiled_itself_is_not_recompiled_again(monkeypatch):
+    """Head pruning rewrites reshape sizes and recompiles in the surgery: once, not twice."""
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    g = graphopt.trace(
+        nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval(), torch.randn(2, 5, 16)
+    )
+    calls = _counting_recompiles(g, monkeypatch)
+    Pipeline.parse("prune(ratio=0.5)").run(g)
+    assert len(calls) == 1

@@ -75,7 +75,7 @@ def remove_units(
     code = code_state(graph.module.graph)
     _rewrite_nodes(ca, graph.module, removed)
     if code_state(graph.module.graph) != code:  # else only parameters shrank: same code
-        graph.module.recompile()
+        graph.recompile()
     graph.invalidate()
     if propagate:
         graph.propagate_shapes()

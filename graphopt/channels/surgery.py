@@ -154,16 +154,16 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     for e in members:
         mod = mods[e["owner"]]
         key = (e["owner"], e["param"])
-        t = sliced[key] if key in sliced else getattr(mod, e["param"])
+        t = sliced[key] if key in sliced else getattr(mod, e["param"]).detach()
         n, drop = t.shape[e["dim"]], np.asarray(e["removed"], dtype=np.int64)
         if len(drop) and (drop.min() < 0 or drop.max() >= n):
             raise GraphoptError(
                 f"prune: {e['owner'] or 'the model'}.{e['param']} has {n} slices along dim "
                 f"{e['dim']}; the plan removes indices outside 0..{n - 1}"
             )
-        keep = np.delete(np.arange(n), drop)
-        with torch.no_grad():
-            sliced[key] = t.detach().index_select(e["dim"], torch.from_numpy(keep))
+        keep = np.ones(n, dtype=bool)
+        keep[drop] = False
+        sliced[key] = t.index_select(e["dim"], torch.from_numpy(np.flatnonzero(keep)))
         touched.append(e["owner"])
     for (owner, param), t in sliced.items():  # one new Parameter per tensor, not per dim
         _set_tensor(mods[owner], param, t)

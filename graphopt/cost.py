@@ -90,7 +90,7 @@ def module_macs(
         for path, m in module.named_modules()
         if isinstance(m, (*_SHAPE_COUNTED, _dynamic_linear_type()))
     ]
-    from torch.utils.flop_counter import FlopCounterMode  # at first use: ~5 ms to import
+    from torch.utils.flop_counter import FlopCounterMode  # at first use: up to 0.1 s to import
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)

@@ -2,7 +2,7 @@
 
 ``copy.deepcopy`` copies an ``nn.Module`` through the generic pickle protocol: it deep-copies
 every entry of the module's ``__dict__`` one by one, the ten or so empty hook dictionaries and
-the plain settings (``stride``, ``eps``, ...) included, about 60 Python calls a module.
+the plain settings (``stride``, ``eps``, ...) included, each through the generic dispatch.
 :func:`copy_module` copies a module whose class keeps ``nn.Module``'s own copy protocol by
 hand: children recursively, parameters and buffers with ``copy.deepcopy`` (their own
 ``__deepcopy__``), empty hook dictionaries as new empty ones, immutable settings shared, and

@@ -77,6 +77,15 @@ def modules_by_path(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return dict(root.named_modules(remove_duplicate=False))
 
 
+def find_module(
+    root: torch.nn.Module, modules: dict[str, torch.nn.Module], path: str
+) -> torch.nn.Module:
+    """``modules[path]`` (``modules`` from :func:`modules_by_path` of ``root``), else what
+    ``root.get_submodule(path)`` gives: a module added since, or its error naming the path."""
+    mod = modules.get(path)
+    return mod if mod is not None else root.get_submodule(path)
+
+
 def code_state(graph: fx.Graph) -> list[tuple[Any, ...]]:
     """What ``graph``'s generated code depends on: each node, its op, target and arguments in
     order (fx keeps arguments in immutable containers), so equal states give equal code and a

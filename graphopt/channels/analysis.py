@@ -164,8 +164,9 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
             np.minimum.at(first, self.labels[np.concatenate([e for e, _ in self._locks])], which)
         locked = first < n_locks
         lu = np.flatnonzero(locked)
-        by_lock = np.argsort(first[lu], kind="stable")
-        fl = first[lu][by_lock]
+        fl = first[lu]
+        by_lock = np.argsort(fl, kind="stable")
+        fl = fl[by_lock]
         new = np.r_[True, fl[1:] != fl[:-1]] if len(fl) else np.zeros(0, dtype=bool)
         self.unit_lock_reason: dict[int, str] = {
             u: self._locks[i][1] for u, i in zip(lu[by_lock][new].tolist(), fl[new].tolist())
@@ -222,9 +223,10 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
         n_spaces = max(len(self.spaces), 1)
         keys = unique(self.labels[elems] * n_spaces + self.element_space[elems])
         pair_units, pair_spaces = keys // n_spaces, keys % n_spaces
-        starts = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
+        is_start = np.r_[True, pair_units[1:] != pair_units[:-1]]
+        starts = np.flatnonzero(is_start)
         # one row per unit: its spaces, padded with -1; equal rows are one group
-        row = np.cumsum(np.r_[True, pair_units[1:] != pair_units[:-1]]) - 1
+        row = np.cumsum(is_start) - 1
         col = np.arange(len(keys)) - starts[row]
         sigs = np.full((len(starts), int(col.max()) + 1), -1, dtype=np.int64)
         sigs[row, col] = pair_spaces

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from graphopt.graph import Graph, modules_by_path, node_meta
+from graphopt.graph import Graph, find_module, modules_by_path, node_meta
 
 from .components import unique
 from .records import Member, Rewrite, Space
@@ -62,8 +62,7 @@ class Coupling:
 
     def module(self, path: str) -> torch.nn.Module:
         """The submodule at ``path`` (``get_submodule``'s error if there is none)."""
-        mod = self.modules.get(path)
-        return mod if mod is not None else self.gm.get_submodule(path)
+        return find_module(self.gm, self.modules, path)
 
     # -- spaces -------------------------------------------------------------------------------
     def _shape(self, node: Any, out: int = 0) -> tuple[int, ...] | None:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.errors import GraphoptError
-from graphopt.graph import Graph, code_state, modules_by_path, node_meta
+from graphopt.graph import Graph, code_state, find_module, modules_by_path, node_meta
 from graphopt.modules import SelfAttention, window_attention
 from graphopt.optypes import CONV, CONV_T
 
@@ -52,10 +52,9 @@ def member_tensor(
 ) -> torch.Tensor:
     """The parameter or buffer a member slices (``root``'s ``member.owner.member.param``);
     ``modules`` (:func:`~graphopt.graph.modules_by_path` of ``root``) spares the lookup."""
-    mod = modules.get(member.owner) if modules is not None else None
-    if mod is None:
-        mod = root.get_submodule(member.owner) if member.owner else root
-    return getattr(mod, member.param)
+    if modules is None:
+        return getattr(root.get_submodule(member.owner), member.param)
+    return getattr(find_module(root, modules, member.owner), member.param)
 
 
 def remove_units(
@@ -141,10 +140,7 @@ def apply_members(root: nn.Module, members: list[dict[str, Any]]) -> list[str]:
     depthwise = {}
     attention: dict[str, int] = {}
     found = modules_by_path(root)
-    mods = {o: found.get(o) for o in dict.fromkeys(e["owner"] for e in members)}
-    for o, mod in mods.items():
-        if mod is None:
-            mods[o] = root.get_submodule(o)  # raises, naming the missing path
+    mods = {o: find_module(root, found, o) for o in dict.fromkeys(e["owner"] for e in members)}
     for owner, mod in mods.items():
         depthwise[owner] = _is_depthwise(mod)
         if isinstance(mod, nn.MultiheadAttention):

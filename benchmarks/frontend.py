@@ -2,7 +2,8 @@
 out is exact and exports to ONNX Runtime.
 
 Rows: torchvision classifiers (random weights) through fx and through torch.export, Hugging
-Face models built from small configs (random weights, saved and loaded offline), and models
+Face models built from small configs (random weights, saved and loaded offline) through
+``auto`` (the concrete-value tracer serves them) and through torch.export, and models
 with optional arguments, keyword inputs and flags. Columns: front end that served, nodes,
 trace time (median of --repeats), torch.export's own time on the same model (the goal: within
 2x) both as a user calls it (static shapes) and as graphopt calls it (the batch dimension
@@ -103,7 +104,7 @@ def _models(only: set[str] | None, tmp: Path):
     if only is None or any(n.startswith("hf") for n in only):
         try:
             for name, spec in _hf_specs(tmp).items():
-                rows.append((name, spec, ("auto",)))
+                rows.append((name, spec, ("auto", "export")))
         except ImportError:
             print("transformers not installed: no Hugging Face rows", file=sys.stderr)
     return [r for r in rows if only is None or r[0] in only]

@@ -120,7 +120,9 @@ def export_graph_module(
         graph = ep.module().graph
     lifted = lift(graph, model)
     _positional_inputs(lifted, out_spec, [n for n, _ in tensors], bound)
-    return lifted, _output_names(out_spec)
+    from .tracing import output_names
+
+    return lifted, output_names(out_spec)
 
 
 def _unlift(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph | None:
@@ -171,15 +173,6 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
 
 def _batch_of_two(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
-
-
-def _output_names(spec: Any) -> list[str]:
-    """``last_hidden_state``-style names of a dict/ModelOutput output (the keys its pytree
-    spec keeps, ``None`` fields left out), else empty."""
-    keys = getattr(spec, "context", None)
-    if isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys):
-        return list(keys)
-    return []
 
 
 def _positional_inputs(

@@ -172,6 +172,25 @@ class Graph:
             self._example_outputs = (self._state_token(), detach_outputs(out))
         return out
 
+    def adopt_trace_values(self, key: str, outputs: tuple[Any, ...]) -> None:
+        """What :meth:`propagate_shapes` records, taken from a trace that computed every value
+        already: each node's ``meta[key]`` holds ``([(shape, dtype), ...], container)`` (the
+        key is dropped), ``outputs`` the output node's values on the example inputs."""
+        out_node = None
+        for node in self.module.graph.nodes:
+            meta = node_meta(node)
+            if node.op == "output":
+                out_node = node
+                continue
+            infos, container = node.meta.pop(key, ((), False))
+            meta.outputs = [TensorInfo(tuple(s), str(d).replace("torch.", "")) for s, d in infos]
+            meta.container = container
+        if out_node is not None:
+            node_meta(out_node).outputs = [TensorInfo.of(t) for t in _tensors_in(outputs)]
+            node_meta(out_node).container = True
+        out = self.module.graph.process_outputs(outputs)
+        self._example_outputs = (self._state_token(), detach_outputs(out))
+
     def example_outputs(self) -> Any:
         """The outputs on the example inputs of the last :meth:`propagate_shapes`, if the module
         is still in the state that run saw, else ``None``.

@@ -1,7 +1,8 @@
 """Tracing a user's model into a :class:`~graphopt.graph.Graph`.
 
 The user's module is deep-copied first, so nothing graphopt does can change it. Tracing uses
-``torch.fx`` symbolic tracing.
+``torch.fx`` symbolic tracing; models it cannot take go to the concrete-value tracer
+(:mod:`graphopt.concrete_trace`), then to ``torch.export`` (:mod:`graphopt.export_frontend`).
 
 **Inputs.** ``example_inputs`` is a tensor, a tuple of tensors (positional), a dict of keyword
 arguments, or ``(args, kwargs)``. Every ``forward`` parameter the caller did not give is bound
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 LeafSpec = str | type
 
 MAX_AUTO_LEAVES = 64
+FRONTENDS = ("auto", "fx", "concrete", "export")
 
 
 class _Proxy(fx.Proxy):
@@ -306,9 +308,10 @@ def trace(
         leaf_modules: module paths (fnmatch globs) or module classes to keep opaque. Passes
             leave the channels of leaf modules locked.
         strict: refuse instead of making untraceable submodules leaves automatically.
-        frontend: ``fx``, ``export`` (:mod:`graphopt.export_frontend`), or ``auto``: fx
-            without leaves, else export, else fx with automatic leaves (the report says which
-            one served).
+        frontend: ``fx``, ``concrete`` (:mod:`graphopt.concrete_trace`: fx with values, for
+            code that decides on shapes), ``export`` (:mod:`graphopt.export_frontend`), or
+            ``auto``: fx without leaves, else concrete, else export, else fx with automatic
+            leaves (the report says which one served, and why the others did not).
 
     Raises:
         TraceError: the model cannot be traced; the message names the module and source line.
@@ -316,8 +319,8 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() expects a torch.nn.Module, got {type(model).__name__}")
-    if frontend not in ("auto", "fx", "export"):
-        raise TraceError(f"unknown frontend {frontend!r}; use auto, fx or export")
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown frontend {frontend!r}; use one of {', '.join(FRONTENDS)}")
     args, kwargs = _split_inputs(example_inputs)
     tensors, bound, order = _bind(model, args, kwargs)
     try:
@@ -343,6 +346,17 @@ def trace(
                 raise
             fx_error = e
             failures.append(f"fx: {e}")
+    concrete = None
+    if gm is None and frontend in ("concrete", "auto"):
+        try:
+            gm, concrete = _trace_concrete(model, root, tensors, bound, leaves)
+            user_leaves, served = concrete.user_leaves, "concrete"
+            out_names = output_names(concrete.out_spec)
+        except TraceError as e:
+            if frontend == "concrete":
+                raise
+            failures.append(f"concrete: {e}")
+            root = copy_module(model)  # the failed trace may have left proxies in the copy
     if gm is None and frontend in ("export", "auto") and not leaves:
         from .export_frontend import export_graph_module
 
@@ -381,10 +395,54 @@ def trace(
         "bound": {k: repr(v) for k, v in bound.items()},
         "auto_leaves": auto,
     }
+    if concrete is not None:
+        gm.meta[TRACE_META]["specialized"] = concrete.specialized
     graph = Graph(gm, tuple(t for _, t in tensors))
-    graph.propagate_shapes()
+    if concrete is not None and concrete.outputs is not None:  # it computed every value
+        from .concrete_trace import INFO
+
+        graph.adopt_trace_values(INFO, concrete.outputs)
+    else:
+        if concrete is not None:  # retried at another batch: its values are not the example's
+            from .concrete_trace import INFO
+
+            for node in gm.graph.nodes:
+                node.meta.pop(INFO, None)
+        graph.propagate_shapes()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return graph
+
+
+def _trace_concrete(
+    model: torch.nn.Module,
+    root: torch.nn.Module,
+    tensors: list[tuple[str, torch.Tensor]],
+    bound: dict[str, Any],
+    leaves: list[LeafSpec],
+) -> tuple[fx.GraphModule, Any]:
+    """:mod:`graphopt.concrete_trace`; where a decision depends on the batch and the example's
+    batch is 1, the trace is retried at a batch of 2, as ``torch.export`` is (a size of 1
+    broadcasts, and code tests for it). The retried trace's values are not the example's, so
+    its ``outputs`` are ``None``."""
+    from .concrete_trace import BatchSpecialized, concrete_graph_module
+
+    name = type(model).__name__
+    try:
+        try:
+            return concrete_graph_module(root, tensors, bound, leaves, class_name=name)
+        except BatchSpecialized as e:
+            ones = all(t.dim() == 0 or t.shape[0] == 1 for _, t in tensors)
+            if not ones:
+                raise
+            log.info("concrete trace: %s; retrying at a batch of 2", e)
+            twice = [(n, torch.cat([t, t]) if t.dim() else t) for n, t in tensors]
+            gm, tracer = concrete_graph_module(copy_module(model), twice, bound, leaves, name)
+            tracer.outputs = None
+            return gm, tracer
+    except TraceError:
+        raise
+    except Exception as e:
+        raise _trace_error(model, e, getattr(e, "failed_path", None)) from e
 
 
 def _trace_fx(
@@ -419,6 +477,15 @@ def _trace_fx(
     if bound:
         _drop_bound_placeholders(gm, order, bound)
     return gm, tracer.user_leaves, auto
+
+
+def output_names(spec: Any) -> list[str]:
+    """``last_hidden_state``-style names of a dict/ModelOutput output (the keys its pytree
+    spec keeps, ``None`` fields left out), else empty."""
+    keys = getattr(spec, "context", None)
+    if isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys):
+        return list(keys)
+    return []
 
 
 def _dict_output_names(gm: fx.GraphModule) -> list[str]:

@@ -502,8 +502,8 @@ class Conv1DMLP(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_conv1d_prunes_through_either_front_end(frontend):
+@pytest.mark.parametrize("frontend", ["fx", "concrete", "export"])
+def test_conv1d_prunes_through_every_front_end(frontend):
     torch.manual_seed(0)
     x = torch.randn(2, 8, E)
     g = graphopt.trace(Conv1DMLP().eval(), x, frontend=frontend)

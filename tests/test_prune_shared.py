@@ -169,7 +169,7 @@ SHARED = {
 }
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "concrete", "export"])
 @pytest.mark.parametrize("name", sorted(SHARED))
 def test_a_shared_module_is_one_unit_and_prunes_exactly(name, frontend, tmp_path):
     cls, x, groups = SHARED[name]
@@ -291,6 +291,8 @@ Z = torch.randn(3, 16)
         ("view", True, "export"),
         ("reshape", True, "export"),
         ("unflatten", False, "export"),
+        ("view", True, "concrete"),
+        ("unflatten", False, "concrete"),
     ],
 )
 def test_a_conv_after_a_reshaped_linear_keeps_its_channels(view, transpose, frontend, tmp_path):
@@ -307,7 +309,7 @@ def test_a_conv_after_a_reshaped_linear_keeps_its_channels(view, transpose, fron
     assert tuple(m.up.weight.shape[:2]) == want and m.bn1.num_features == 6
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "concrete", "export"])
 def test_a_residual_decoder_couples_the_conv_with_the_linear(frontend, tmp_path):
     torch.manual_seed(0)
     g = graphopt.trace(ResidualDecoder().eval(), (torch.randn(2, 10),), frontend=frontend)

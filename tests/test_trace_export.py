@@ -1,4 +1,4 @@
-"""The torch.export front end on models nobody here wrote: Hugging Face transformers built
+"""The concrete-value and torch.export front ends on models nobody here wrote: Hugging Face transformers built
 from configs (random weights, saved with ``save_pretrained`` and loaded offline through the
 ``hf:PATH`` spec) and torchvision. The lifted graph must compute what the model computes, at
 other batch sizes too, and every pass and the ONNX export must run on it."""
@@ -81,12 +81,16 @@ def _assert_same(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_hf_models_trace_exactly_and_at_other_batch_sizes(hf_model):
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_hf_models_trace_exactly_and_at_other_batch_sizes(hf_model, frontend):
     name, model, inputs = hf_model
-    g = graphopt.trace(model, inputs)
+    g = graphopt.trace(model, inputs, frontend=frontend)
     rep = g.trace_report
-    assert rep["frontend"] == "export", rep
-    assert rep["fallbacks"] and rep["fallbacks"][0].startswith("fx:")  # fx was tried first
+    if frontend == "auto":  # plain fx fails on every one; the concrete tracer takes them all
+        assert rep["frontend"] == "concrete", rep
+        assert rep["fallbacks"] and rep["fallbacks"][0].startswith("fx:")  # fx was tried first
+    else:
+        assert rep["frontend"] == "export", rep
     with torch.no_grad():
         out = model(*inputs)
     assert rep["outputs"] == [k for k, v in out.items() if v is not None]  # ONNX output names

@@ -99,10 +99,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--frontend",
-        choices=("auto", "fx", "export"),
+        choices=("auto", "fx", "concrete", "export"),
         default="auto",
-        help="how the model is captured: fx, torch.export, or auto (fx, then export, then fx "
-        "making untraceable submodules leaves; default: %(default)s)",
+        help="how the model is captured: fx, fx with concrete values, torch.export, or auto "
+        "(in that order, then fx making untraceable submodules leaves; default: %(default)s)",
     )
     p.add_argument(
         "--strict-trace",

@@ -65,8 +65,12 @@ def trace_model(model, inputs, args):
             leaf["reason"],
             f" at {leaf['source']}" if leaf.get("source") else "",
         )
-    if report.get("frontend") == "export":
-        log.info("traced with torch.export (fx could not: %s)", "; ".join(report["fallbacks"]))
+    if report.get("frontend") in ("concrete", "export"):
+        log.info(
+            "traced with the %s front end (before it: %s)",
+            report["frontend"],
+            "; ".join(report["fallbacks"]),
+        )
     return graph
 
 

@@ -106,6 +106,8 @@ _BINARY_FUNCS = {
     torch.minimum,
 }
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
+_POW = {torch.pow, operator.pow}
+"""Elementwise in their base when the exponent is a number (GPT-2's tanh GELU: ``x ** 3``)."""
 _POOL_FUNCS = POOL_FUNCS
 _CONV_FUNCS = {  # op -> transposed; both take (x, weight, bias, ..., groups at position 6)
     aten.conv1d.default: False,
@@ -153,7 +155,7 @@ class CallRules(Coupling):
         swin = SWIN_FUNCTIONS.get((getattr(t, "__module__", None), getattr(t, "__name__", None)))
         if swin is not None:
             return getattr(self, swin)(node)
-        if t in self._unary_funcs:
+        if t in self._unary_funcs or (t in _POW and not isinstance(args[1], fx.Node)):
             return self.elementwise(node, [args[0]])
         if t in _BINARY_FUNCS:
             return self.elementwise(node, list(args[:2]) + [node.kwargs.get("other")])
@@ -219,7 +221,7 @@ class CallRules(Coupling):
     def _visit_method(self, node: fx.Node) -> bool:
         name = node.target
         args = node.args
-        if name in _UNARY_METHODS:
+        if name in _UNARY_METHODS or (name == "pow" and not isinstance(args[1], fx.Node)):
             return self.elementwise(node, [args[0]])
         if name in _BINARY_METHODS:
             return self.elementwise(node, list(args[:2]))

@@ -1,0 +1,214 @@
+"""The concrete-value tracer (graphopt/concrete_trace.py): models plain fx cannot trace get in,
+compute what the model computes at the example's batch and at others, and the tracer refuses
+what it cannot capture faithfully (decisions on data or on the batch size)."""
+
+from __future__ import annotations
+
+import functools
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+from graphopt.concrete_trace import BatchSpecialized, _rule_shape
+from graphopt.graph import node_meta
+
+
+def config_defaults(fn):
+    """A decorator that looks inside ``**kwargs``, as Hugging Face's do: plain fx passes it
+    no mapping and fails."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("scale") is None:
+            kwargs["scale"] = 2.0
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+class ShapeDecisions(nn.Module):
+    """Python decisions on shapes, a loop over a shape, a decorator over ``**kwargs``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.register_buffer("pos", torch.arange(16).float())
+
+    @config_defaults
+    def forward(self, x, scale=None):
+        b, n, d = x.shape
+        if n > 4:  # a decision on the sequence length
+            x = x + self.pos[:n, None]
+        for _ in range(len(x.shape) - 2):  # a loop over the rank
+            x = self.norm(x) * scale
+        h = self.fc(x).view(b, n, 2, d // 2).transpose(1, 2)
+        return {"y": h.reshape(b, -1), "n": torch.full((b, 1), n, dtype=torch.float)}
+
+
+Pair = namedtuple("Pair", "a b")
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        parts = self.fc(x).split(2, dim=-1)  # a tuple whose length is a shape's
+        first, *rest = parts
+        if x.dim() == 2:
+            return Pair(first, torch.cat(rest, -1))
+        return Pair(first, first)
+
+
+class DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.mean() > 0:  # decided by the numbers: no front end may take one branch
+            return y
+        return -y
+
+
+class BatchView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b = int(x.shape[0])  # the batch as a Python int: the graph would hold the constant
+        return self.fc(x).view(b, 2, 2).sum(1)
+
+
+class BroadcastOnOne(nn.Module):
+    """Code that tests for a batch of 1 (as Hugging Face's mask builders do); traced at the
+    example's batch of 1 it would skip the expand for every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("pos", torch.arange(4).float()[None])
+
+    def forward(self, x):
+        pos = self.pos
+        if x.shape[0] != pos.shape[0]:
+            pos = pos.expand(x.shape[0], -1)
+        return self.fc(x) + pos.cumsum(0)
+
+
+def _close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    elif isinstance(a, tuple):
+        assert type(a) is type(b)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "model, x",
+    [(ShapeDecisions(), torch.randn(3, 6, 8)), (TupleOut(), torch.randn(2, 6))],
+    ids=["shape-decisions", "tuple-out"],
+)
+def test_models_plain_fx_cannot_trace_compute_the_same_at_other_batches(model, x):
+    with pytest.raises(graphopt.TraceError):
+        graphopt.trace(model, x, frontend="fx", strict=True)
+    g = graphopt.trace(model.eval(), x)
+    rep = g.trace_report
+    assert rep["frontend"] == "concrete", rep
+    assert rep["fallbacks"][0].startswith("fx:")
+    with torch.no_grad():
+        for batch in (x, x[:1], torch.cat([x] * 3)):
+            _close(g.module(batch), model(batch))
+
+
+def test_decisions_are_listed_with_their_source_line():
+    g = graphopt.trace(ShapeDecisions().eval(), torch.randn(3, 6, 8))
+    spec = g.trace_report["specialized"]
+    assert any("bool of gt" in s and "= True" in s and "test_concrete_trace.py" in s for s in spec)
+
+
+def test_values_from_the_trace_equal_a_separate_shape_propagation():
+    """The trace's own values stand in for :meth:`Graph.propagate_shapes`: every node's shapes
+    and dtypes, and the example outputs, must be what a run of the graph records."""
+    torch.manual_seed(0)
+    model, x = ShapeDecisions().eval(), torch.randn(3, 6, 8)
+    g = graphopt.trace(model, x)
+    adopted = {n.name: (node_meta(n).outputs, node_meta(n).container) for n in g.nodes}
+    first = g.example_outputs()
+    assert first is not None
+    ran = g.propagate_shapes()
+    again = {n.name: (node_meta(n).outputs, node_meta(n).container) for n in g.nodes}
+    assert adopted == again
+    _close(first, ran)
+
+
+def test_a_decision_on_the_data_is_refused_naming_the_line():
+    with pytest.raises(graphopt.TraceError, match="inputs' numbers.*test_concrete_trace.py"):
+        graphopt.trace(DataBranch(), torch.randn(2, 4), frontend="concrete")
+
+
+def test_a_decision_on_the_batch_is_refused_and_auto_falls_back():
+    with pytest.raises(BatchSpecialized, match="batch size"):
+        graphopt.trace(BatchView(), torch.randn(3, 4), frontend="concrete")
+    g = graphopt.trace(BatchView(), torch.randn(3, 4))
+    assert g.trace_report["frontend"] != "concrete"
+    assert any("batch size" in f for f in g.trace_report["fallbacks"])
+
+
+def test_a_test_for_a_batch_of_one_is_traced_at_two():
+    model, x = BroadcastOnOne().eval(), torch.randn(1, 4)
+    g = graphopt.trace(model, x, frontend="concrete")
+    with torch.no_grad():
+        for batch in (x, torch.randn(4, 4)):
+            _close(g.module(batch), model(batch))
+    assert g.example_outputs() is not None  # shapes propagated at the example's batch
+    assert node_meta(next(iter(g.nodes))).shape == (1, 4)
+
+
+def test_leaf_modules_stay_opaque_and_the_user_model_is_untouched():
+    model = ShapeDecisions().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = graphopt.trace(model, torch.randn(2, 6, 8), leaf_modules=["norm"], frontend="concrete")
+    mods = [n.target for n in g.nodes if n.op == "call_module"]
+    assert "norm" in mods and node_meta(next(n for n in g.nodes if n.target == "norm")).leaf
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(
+        p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), g.module.parameters())
+    )
+
+
+ELEMENTWISE_CASES = [
+    (torch.add, (torch.randn(3, 1, 4), torch.randn(5, 1)), {}),
+    (torch.where, (torch.rand(2, 1) > 0.5, torch.randn(2, 3), torch.randn(3)), {}),
+    (F.gelu, (torch.randn(2, 3),), {}),
+    (F.softmax, (torch.randn(2, 3),), {"dim": -1}),
+    (torch.Tensor.masked_fill, (torch.randn(2, 3), torch.rand(1, 3) > 0.5, 0.0), {}),
+    (torch.Tensor.to, (torch.randn(2, 3), torch.float64), {}),
+    (nn.Linear(3, 5), (torch.randn(2, 4, 3),), {}),
+    (nn.Embedding(10, 6), (torch.randint(0, 10, (2, 7)),), {}),
+    (nn.LayerNorm(3), (torch.randn(4, 3),), {}),
+]
+
+
+@pytest.mark.parametrize("fn, args, kwargs", ELEMENTWISE_CASES)
+def test_shape_rules_equal_the_operations(fn, args, kwargs):
+    """The tracer's shortcut shape rules (instead of running on ``meta``) give the shape the
+    operation gives."""
+    assert _rule_shape(fn, args, kwargs) == tuple(fn(*args, **kwargs).shape)
+
+
+def test_a_matmul_has_no_elementwise_rule():
+    assert _rule_shape(torch.matmul, (torch.randn(2, 3), torch.randn(3, 4)), {}) is None

@@ -96,22 +96,6 @@ class ConcreteProxy(_Proxy):
         return iter([self[i] for i in range(n)])
 
 
-class Shape(tuple):
-    """A traced ``torch.Size``: a tuple of one proxy (or int) per dim, so that shapes built
-    by tuple arithmetic (``(-1,) + x.shape[1:]``) reach ``view`` as a list of dims, each with
-    its own provenance, instead of one opaque value."""
-
-    def __getitem__(self, i: Any) -> Any:
-        out = tuple.__getitem__(self, i)
-        return Shape(out) if isinstance(i, slice) else out
-
-    def numel(self) -> Any:
-        n: Any = 1
-        for d in self:
-            n = n * d
-        return n
-
-
 class _Method:
     """``proxy.method`` before it is called: the call is recorded as ``call_method``."""
 
@@ -163,8 +147,11 @@ class ConcreteTracer(_Tracer):
             proxy.node.meta[INFO] = _infos(proxy.value)
             if type(proxy.value) is int and not proxy.flags and proxy.alt == proxy.value:
                 proxy.node.meta[CONSTANT] = proxy.value  # folded after the trace
-            if type(proxy.value) is torch.Size:  # one node per dim, as torch.export has them
-                return Shape(proxy[i] for i in range(len(proxy.value)))
+            if type(proxy.value) is torch.Size:
+                # a plain tuple of one proxy (or number) per dim, as torch.export has them:
+                # shapes built by tuple arithmetic (``(-1,) + x.shape[1:]``) then reach
+                # ``view`` as a list of dims, each with its own provenance
+                return tuple(proxy[i] for i in range(len(proxy.value)))
         return proxy
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
@@ -289,13 +276,30 @@ class ConcreteTracer(_Tracer):
 
     def trace(self, root, concrete_args=None):  # noqa: D102 - fx's
         self._keep = []
+        saved = {n: getattr(torch, n) for n in _FACTORIES}
         try:
+            for n, fn in saved.items():
+                setattr(torch, n, self._factory(fn))
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # as the pass manager's verification runs
                 return super().trace(root, concrete_args)
         finally:
+            for n, fn in saved.items():
+                setattr(torch, n, fn)
             self._meta.clear()
             self._keep = []
+
+    def _factory(self, fn: Any) -> Any:
+        """``fn`` (``torch.ones``, ...) recorded when a size is a proxy: torch's argument
+        parser does not hand ``ones(b, n)`` with a proxy ``b`` to ``__torch_function__``."""
+
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if _has_proxy(args) or _has_proxy(kwargs):
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        factory.__wrapped__ = fn  # type: ignore[attr-defined]
+        return factory
 
 
 def concrete_graph_module(
@@ -462,6 +466,23 @@ def _flags(tree: Any) -> int:
     def see(a: Any) -> None:
         if isinstance(a, ConcreteProxy):
             found[0] |= a.flags
+
+    _map(see, tree)
+    return found[0]
+
+
+_FACTORIES = (
+    "ones", "zeros", "empty", "full", "rand", "randn", "randint", "arange", "eye", "tensor", "as_tensor",
+)  # fmt: skip
+"""torch's tensor factories taking sizes or values: patched while tracing (as fx patches
+``Module.__call__``), so that a size that is a proxy is recorded."""
+
+
+def _has_proxy(tree: Any) -> bool:
+    found = [False]
+
+    def see(a: Any) -> None:
+        found[0] = found[0] or isinstance(a, ConcreteProxy)
 
     _map(see, tree)
     return found[0]

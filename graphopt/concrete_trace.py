@@ -25,6 +25,7 @@ the pass manager verifies against.
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 import os
 from collections.abc import Sequence
@@ -166,12 +167,11 @@ class ConcreteTracer(_Tracer):
             for part in str(target).split("."):
                 value = getattr(value, part)
             return value, value, 0
-        flags = _flags(args) | _flags(kwargs)
+        a, kw, flags = _unpack(args, kwargs)
         if (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRS) or (
             kind == "call_method" and target in _SHAPE_METHODS
         ):
             flags = 0  # a shape is known without the data
-        a, kw = _values(args), _values(kwargs)
         if kind == "call_function":
             fn = target
         elif kind == "call_method":
@@ -416,7 +416,7 @@ def _rule_shape(fn: Any, a: tuple, kw: dict) -> tuple[int, ...] | None:
         if fn is torch.Tensor.to and any(isinstance(x, torch.Tensor) for x in a[1:]):
             return None
         shapes = [x.shape for x in (*a, *kw.values()) if isinstance(x, torch.Tensor)]
-        return tuple(torch.broadcast_shapes(*shapes)) if shapes else None
+        return _broadcast(shapes) if shapes else None
     t = type(fn)
     if t is torch.nn.Linear and len(a) == 1 and not kw:
         return (*a[0].shape[:-1], fn.out_features)
@@ -460,15 +460,30 @@ def _values(tree: Any) -> Any:
     return _map(_value, tree) if tree else tree
 
 
-def _flags(tree: Any) -> int:
-    found = [0]
+def _unpack(args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+    """The values of ``args`` and ``kwargs``, and the union of their proxies' flags."""
+    flags = 0
 
-    def see(a: Any) -> None:
+    def value(a: Any) -> Any:
+        nonlocal flags
         if isinstance(a, ConcreteProxy):
-            found[0] |= a.flags
+            flags |= a.flags
+            return a.value
+        return a
 
-    _map(see, tree)
-    return found[0]
+    return _map(value, args), _map(value, kwargs), flags
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """numpy's broadcasting of ``shapes`` (``torch.broadcast_shapes`` without its checks for
+    symbolic sizes, several times faster); raises ``ValueError`` where they do not broadcast."""
+    out = []
+    for dims in itertools.zip_longest(*(reversed(s) for s in shapes), fillvalue=1):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(reversed(out))
 
 
 _FACTORIES = (

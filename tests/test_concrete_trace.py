@@ -282,3 +282,19 @@ def test_hugging_face_models_get_in_without_torch_export(name, tmp_path):
             for k, v in want.items():
                 if isinstance(v, torch.Tensor):
                     torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shapes", [[(3, 1, 4), (5, 1)], [(2, 0, 3), (1, 3)], [(4,), ()], [(2, 3), (2, 3), (1,)]]
+)
+def test_the_broadcast_rule_is_torchs(shapes):
+    from graphopt.concrete_trace import _broadcast
+
+    assert _broadcast(shapes) == tuple(torch.broadcast_shapes(*shapes))
+
+
+def test_shapes_that_do_not_broadcast_are_refused():
+    from graphopt.concrete_trace import _broadcast
+
+    with pytest.raises(ValueError):
+        _broadcast([(2, 3), (4, 3)])

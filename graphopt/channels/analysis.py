@@ -266,11 +266,10 @@ class ChannelAnalysis(ModuleRules, CallRules, ShapeRules, AttentionRules):
                 continue
             seen.add((m.owner, m.param))
             labs = unique(self.units_of(m))
-            locked = [int(u) for u in labs if self.unit_locked[u]]
-            if locked:
-                out.append(
-                    {"layer": m.owner, "reason": self.unit_lock_reason.get(locked[0], "locked")}
-                )
+            locked = labs[self.unit_locked[labs]]
+            if len(locked):
+                reason = self.unit_lock_reason.get(int(locked[0]), "locked")
+                out.append({"layer": m.owner, "reason": reason})
         return out[:limit] if limit else out
 
 

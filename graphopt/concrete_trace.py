@@ -168,6 +168,11 @@ class ConcreteTracer(_Tracer):
                 value = getattr(value, part)
             return value, value, 0
         a, kw, flags = _unpack(args, kwargs)
+        if kind != "call_module" and _writes(target, kw) and _is_parameter(a[0] if a else None):
+            raise TraceError(
+                f"{_name(target)} writes into a parameter in place at {_user_line()}; the "
+                "concrete tracer runs forward on weights it shares with your model"
+            )
         if (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRS) or (
             kind == "call_method" and target in _SHAPE_METHODS
         ):
@@ -501,6 +506,27 @@ def _has_proxy(tree: Any) -> bool:
 
     _map(see, tree)
     return found[0]
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _writes(target: Any, kwargs: dict) -> bool:
+    """An in-place operation: ``x.add_(y)``, ``torch.relu_(x)``, ``x[i] = v``, ``out=``."""
+    name = _name(target)
+    return (
+        (name.endswith("_") and not name.startswith("_"))
+        or target is operator.setitem
+        or "out" in kwargs
+    )
+
+
+def _is_parameter(v: Any) -> bool:
+    """A parameter, or a view of one."""
+    return isinstance(v, torch.nn.Parameter) or (
+        isinstance(v, torch.Tensor) and isinstance(v._base, torch.nn.Parameter)
+    )
 
 
 def _try(fn: Any, v: Any) -> Any:

@@ -118,7 +118,14 @@ def export_graph_module(
     graph = _unlift(ep, model)
     if graph is None:  # buffers the program mutates, effect tokens, custom objects
         graph = ep.module().graph
-    lifted = lift(graph, model)
+    try:
+        lifted = lift(graph, model)
+    except AttributeError as e:  # a submodule only the program has (higher-order operators:
+        # ``torch.no_grad()`` inside forward becomes ``wrap_with_set_grad_enabled(submod_1)``)
+        raise TraceError(
+            f"torch.export's graph calls {first_line(e)}, which graphopt cannot lift back onto "
+            "the model (a torch.no_grad() or autocast region inside forward?)"
+        ) from e
     _positional_inputs(lifted, out_spec, [n for n, _ in tensors], bound)
     from .tracing import output_names
 

@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from .errors import DataError, TraceError, first_line
 from .graph import PROGRAM_META, TRACE_META, Graph, NodeMeta, modules_by_path
-from .module_copy import copy_module
+from .module_copy import DeferredParameters, copy_module
 
 log = logging.getLogger(__name__)
 
@@ -323,12 +323,60 @@ def trace(
         raise TraceError(f"unknown frontend {frontend!r}; use one of {', '.join(FRONTENDS)}")
     args, kwargs = _split_inputs(example_inputs)
     tensors, bound, order = _bind(model, args, kwargs)
+    deferred = DeferredParameters()  # cloned beside the trace, which only reads them
     try:
-        root = copy_module(model)
+        root = copy_module(model, deferred=deferred)
     except Exception as e:  # pragma: no cover - exotic modules
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
+    deferred.start()
+    try:
+        cap = _capture(model, root, deferred, tensors, bound, order, list(leaf_modules),
+                       strict, frontend)  # fmt: skip
+    finally:
+        deferred.wait()
+    gm, user_leaves, served, out_names, auto, failures, concrete = cap
+    _annotate(gm, user_leaves)
+    gm.meta[TRACE_META] = {
+        "frontend": served,
+        "inputs": [name for name, _ in tensors],
+        "named_inputs": bool(kwargs),
+        "outputs": out_names or _dict_output_names(gm),
+        "fallbacks": failures,
+        "bound": {k: repr(v) for k, v in bound.items()},
+        "auto_leaves": auto,
+    }
+    if concrete is not None:
+        gm.meta[TRACE_META]["specialized"] = concrete.specialized
+    graph = Graph(gm, tuple(t for _, t in tensors))
+    if concrete is not None and concrete.outputs is not None:  # it computed every value
+        from .concrete_trace import INFO
 
-    leaves = list(leaf_modules)
+        graph.adopt_trace_values(INFO, concrete.outputs)
+    else:
+        if concrete is not None:  # retried at another batch: its values are not the example's
+            from .concrete_trace import INFO
+
+            for node in gm.graph.nodes:
+                node.meta.pop(INFO, None)
+        graph.propagate_shapes()
+    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return graph
+
+
+def _capture(
+    model: torch.nn.Module,
+    root: torch.nn.Module,
+    deferred: DeferredParameters,
+    tensors: list[tuple[str, torch.Tensor]],
+    bound: dict[str, Any],
+    order: list[str],
+    leaves: list[LeafSpec],
+    strict: bool,
+    frontend: str,
+) -> tuple[fx.GraphModule, set[str], str, list[str], list[dict[str, str]], list[str], Any]:
+    """The front ends in turn, as :func:`trace` describes; the graph's parameters get their own
+    storage (``deferred``) once one of them has captured ``root``."""
+    copied = root
     failures: list[str] = []
     fx_error: TraceError | None = None
     gm = user_leaves = None
@@ -356,6 +404,7 @@ def trace(
             if frontend == "concrete":
                 raise
             failures.append(f"concrete: {e}")
+            deferred.wait()
             root = copy_module(model)  # the failed trace may have left proxies in the copy
     if gm is None and frontend in ("export", "auto") and not leaves:
         from .export_frontend import export_graph_module
@@ -385,32 +434,12 @@ def trace(
             module_path=fx_error.module_path if fx_error else None,
             source=fx_error.source if fx_error else None,
         )
-    _annotate(gm, user_leaves)
-    gm.meta[TRACE_META] = {
-        "frontend": served,
-        "inputs": [name for name, _ in tensors],
-        "named_inputs": bool(kwargs),
-        "outputs": out_names or _dict_output_names(gm),
-        "fallbacks": failures,
-        "bound": {k: repr(v) for k, v in bound.items()},
-        "auto_leaves": auto,
-    }
-    if concrete is not None:
-        gm.meta[TRACE_META]["specialized"] = concrete.specialized
-    graph = Graph(gm, tuple(t for _, t in tensors))
-    if concrete is not None and concrete.outputs is not None:  # it computed every value
-        from .concrete_trace import INFO
-
-        graph.adopt_trace_values(INFO, concrete.outputs)
-    else:
-        if concrete is not None:  # retried at another batch: its values are not the example's
-            from .concrete_trace import INFO
-
-            for node in gm.graph.nodes:
-                node.meta.pop(INFO, None)
-        graph.propagate_shapes()
-    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
-    return graph
+    if root is copied and (concrete is None or concrete.root is root):  # else a fresh copy
+        try:
+            deferred.finish(root)
+        except RuntimeError as e:
+            raise TraceError(str(e)) from e
+    return gm, user_leaves, served, out_names, auto, failures, concrete
 
 
 def _trace_concrete(

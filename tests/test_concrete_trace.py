@@ -298,3 +298,65 @@ def test_shapes_that_do_not_broadcast_are_refused():
 
     with pytest.raises(ValueError):
         _broadcast([(2, 3), (4, 3)])
+
+
+class WritesItsWeight(nn.Module):
+    """A forward that writes into its own parameter (nothing here does it on purpose; the
+    concrete tracer runs forward on weights it shares with the user's model until their copy
+    is ready, so it must refuse before the write)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @config_defaults
+    def forward(self, x, scale=None):
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+        return self.fc(x)
+
+
+def test_a_forward_writing_its_weights_leaves_the_users_model_untouched():
+    model = WritesItsWeight()
+    before = model.fc.weight.detach().clone()
+    with pytest.raises(graphopt.TraceError, match="writes into a parameter"):
+        graphopt.trace(model, torch.randn(2, 4), frontend="concrete")
+    assert torch.equal(model.fc.weight, before)
+    with pytest.raises(graphopt.TraceError, match="writes into a parameter"):  # auto: none
+        graphopt.trace(model, torch.randn(2, 4))  # takes it, each says why
+    assert torch.equal(model.fc.weight, before)
+
+
+def test_deferred_parameters_refuse_a_copy_written_before_its_clone():
+    from graphopt.module_copy import DeferredParameters, copy_module
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    versions = [p._version for p in model.parameters()]
+    deferred = DeferredParameters()
+    copy = copy_module(model, deferred=deferred)
+    assert copy[0].weight.data_ptr() == model[0].weight.data_ptr()  # shared until finished
+    deferred.start()
+    deferred.finish(copy)
+    assert copy[0].weight.data_ptr() != model[0].weight.data_ptr()
+    assert all(torch.equal(p, q) for p, q in zip(copy.parameters(), model.parameters()))
+    assert [p._version for p in model.parameters()] == versions  # the swap moved no counter
+
+    deferred = DeferredParameters()
+    copy = copy_module(model, deferred=deferred)
+    with torch.no_grad():
+        copy[2].bias.add_(0.0)  # a write through the alias (the model's values unchanged)
+    with pytest.raises(RuntimeError, match="'2.bias' was written in place"):
+        deferred.finish(copy)
+
+
+def test_tied_parameters_stay_tied_through_a_deferred_copy():
+    from graphopt.module_copy import DeferredParameters, copy_module
+
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight
+    deferred = DeferredParameters()
+    copy = copy_module(model, deferred=deferred)
+    deferred.start()
+    deferred.finish(copy)
+    assert copy[1].weight is copy[0].weight
+    assert copy[0].weight.data_ptr() != model[0].weight.data_ptr()

@@ -148,7 +148,7 @@ def run_row(name, spec, frontend, repeats, tmp: Path) -> list[str]:
         return [name, frontend, "FAIL", "-", "-", "-", "-", "-", "-", "-", str(e)[:80]]
     served = g.trace_report.get("frontend", "?")
     t_export = t_dynamic = "-"
-    if served == "export":
+    if served in ("concrete", "export"):
         t_export, t_dynamic = _export_times(model, inputs, repeats)
     try:
         r = graphopt.Pipeline.parse("fold-bn,dce").run(g)

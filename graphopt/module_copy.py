@@ -11,6 +11,9 @@ shared submodules and tied parameters stay shared in the copy, as ``copy.deepcop
 A module whose class copies itself differently (its own ``__deepcopy__``, ``__reduce_ex__``,
 ``__getstate__``, ``__setstate__`` or ``__slots__``: ``fx.GraphModule``, the RNNs) is handed to
 ``copy.deepcopy`` with the same memo.
+
+:class:`DeferredParameters` lets the parameters' data be cloned on a background thread while
+the caller reads the copy (tracing), which hides most of the copy's time on a second core.
 """
 
 from __future__ import annotations

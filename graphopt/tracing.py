@@ -1,6 +1,8 @@
 """Tracing a user's model into a :class:`~graphopt.graph.Graph`.
 
-The user's module is deep-copied first, so nothing graphopt does can change it. Tracing uses
+The user's module is deep-copied first, so nothing graphopt does can change it (its parameters
+are cloned on a background thread while the front ends read them:
+:class:`~graphopt.module_copy.DeferredParameters`). Tracing uses
 ``torch.fx`` symbolic tracing; models it cannot take go to the concrete-value tracer
 (:mod:`graphopt.concrete_trace`), then to ``torch.export`` (:mod:`graphopt.export_frontend`).
 

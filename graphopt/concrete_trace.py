@@ -36,7 +36,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import TraceError
-from .tracing import LeafSpec, _Proxy, _Tracer
+from .graph import value_info
+from .tracing import _INTERNAL_DIRS, LeafSpec, _Proxy, _Tracer
 
 _STATIC_ATTRS = frozenset({"dtype", "device", "is_cuda", "layout", "requires_grad", "ndim"})
 """Tensor attributes returned as plain values (no node): no input changes them."""
@@ -125,6 +126,7 @@ class ConcreteTracer(_Tracer):
         self.specialized: list[str] = []
         self._computing = 0
         self._meta: dict[int, torch.Tensor] = {}
+        self._keep: list[torch.Tensor] = []  # the sources of _meta's entries, while tracing
         self.out_spec: Any = None
 
     # -- proxies carry values ------------------------------------------------------------
@@ -137,7 +139,8 @@ class ConcreteTracer(_Tracer):
         if kind == "call_function" and target is getattr and args[1] in _STATIC_ATTRS:
             return getattr(_value(args[0]), args[1])
         if kind == "call_method" and target in _STATIC_METHODS:
-            return getattr(_value(args[0]), target)(*_values(args[1:]), **_values(kwargs))
+            a, kw, _ = _unpack(args, kwargs)
+            return getattr(a[0], target)(*a[1:], **kw)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, ConcreteProxy):
             self._computing += 1
@@ -145,7 +148,7 @@ class ConcreteTracer(_Tracer):
                 proxy.value, proxy.alt, proxy.flags = self._evaluate(kind, target, args, kwargs)
             finally:
                 self._computing -= 1
-            proxy.node.meta[INFO] = _infos(proxy.value)
+            proxy.node.meta[INFO] = value_info(proxy.value)
             if type(proxy.value) is int and not proxy.flags and proxy.alt == proxy.value:
                 proxy.node.meta[CONSTANT] = proxy.value  # folded after the trace
             if type(proxy.value) is torch.Size:
@@ -163,9 +166,7 @@ class ConcreteTracer(_Tracer):
             alt = torch.empty((t.shape[0] + 1, *t.shape[1:]), dtype=t.dtype, device="meta")
             return t, alt, DATA
         if kind == "get_attr":
-            value: Any = self.root
-            for part in str(target).split("."):
-                value = getattr(value, part)
+            value = operator.attrgetter(target)(self.root)
             return value, value, 0
         a, kw, flags = _unpack(args, kwargs)
         if kind != "call_module" and _writes(target, kw) and _is_parameter(a[0] if a else None):
@@ -227,8 +228,6 @@ class ConcreteTracer(_Tracer):
             self._meta[id(meta)] = meta
             self._keep.append(t)
         return meta
-
-    _keep: list[torch.Tensor]
 
     # -- fx's patches are off while values are computed ----------------------------------
     def call_module(self, m, forward, args, kwargs):
@@ -376,12 +375,6 @@ def _drop_unused(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _infos(value: Any) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], bool]:
-    container = isinstance(value, (list, tuple))  # as Graph.propagate_shapes records it
-    items = value if container else (value,)
-    return [(tuple(t.shape), t.dtype) for t in items if isinstance(t, torch.Tensor)], container
-
-
 _ELEMENTWISE = {
     *(
         getattr(operator, n)
@@ -459,10 +452,6 @@ def _map(fn: Any, a: Any) -> Any:
 
 def _value(a: Any) -> Any:
     return a.value if isinstance(a, ConcreteProxy) else a
-
-
-def _values(tree: Any) -> Any:
-    return _map(_value, tree) if tree else tree
 
 
 def _unpack(args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
@@ -552,18 +541,12 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-_SKIP = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, inspect.getmodule(_Proxy))
-)
-
-
 def _user_line() -> str:
-    """The innermost frame outside torch and graphopt's tracing, as ``file:line``."""
+    """The innermost frame outside torch and graphopt, as ``file:line``."""
     frame = inspect.currentframe()
     while frame is not None:
         f = frame.f_code.co_filename
-        if not os.path.abspath(f).startswith(_SKIP):
+        if not os.path.abspath(f).startswith(_INTERNAL_DIRS):
             return f"{f}:{frame.f_lineno}"
         frame = frame.f_back
     return "?"

@@ -174,20 +174,18 @@ class Graph:
 
     def adopt_trace_values(self, key: str, outputs: tuple[Any, ...]) -> None:
         """What :meth:`propagate_shapes` records, taken from a trace that computed every value
-        already: each node's ``meta[key]`` holds ``([(shape, dtype), ...], container)`` (the
-        key is dropped), ``outputs`` the output node's values on the example inputs."""
+        already: each node's ``meta[key]`` holds its :func:`value_info` (the key is dropped),
+        ``outputs`` the output node's values on the example inputs."""
         out_node = None
         for node in self.module.graph.nodes:
             meta = node_meta(node)
             if node.op == "output":
                 out_node = node
                 continue
-            infos, container = node.meta.pop(key, ((), False))
-            meta.outputs = [TensorInfo(tuple(s), str(d).replace("torch.", "")) for s, d in infos]
-            meta.container = container
+            meta.outputs, meta.container = node.meta.pop(key, ([], False))
         if out_node is not None:
-            node_meta(out_node).outputs = [TensorInfo.of(t) for t in _tensors_in(outputs)]
-            node_meta(out_node).container = True
+            meta = node_meta(out_node)
+            meta.outputs, meta.container = value_info(outputs)
         out = self.module.graph.process_outputs(outputs)
         self._example_outputs = (self._state_token(), detach_outputs(out))
 
@@ -311,8 +309,7 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
             ) from e
         env[node] = value
         meta = node_meta(node)
-        meta.outputs = [TensorInfo.of(t) for t in _tensors_in(value)]
-        meta.container = isinstance(value, (list, tuple))
+        meta.outputs, meta.container = value_info(value)
         if op == "output":
             return gm.graph.process_outputs(value)
         for used in last_use.get(node, ()):
@@ -341,6 +338,12 @@ def detach_outputs(out: Any) -> Any:
     if isinstance(out, dict):
         return {k: detach_outputs(v) for k, v in out.items()}
     return out
+
+
+def value_info(value: Any) -> tuple[list[TensorInfo], bool]:
+    """What :class:`NodeMeta` records of a node's value: one :class:`TensorInfo` per tensor it
+    is or holds, and whether it is a container (list or tuple)."""
+    return [TensorInfo.of(t) for t in _tensors_in(value)], isinstance(value, (list, tuple))
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:

@@ -350,17 +350,17 @@ def trace(
     if concrete is not None:
         gm.meta[TRACE_META]["specialized"] = concrete.specialized
     graph = Graph(gm, tuple(t for _, t in tensors))
-    if concrete is not None and concrete.outputs is not None:  # it computed every value
+    if concrete is None:
+        graph.propagate_shapes()
+    else:
         from .concrete_trace import INFO
 
-        graph.adopt_trace_values(INFO, concrete.outputs)
-    else:
-        if concrete is not None:  # retried at another batch: its values are not the example's
-            from .concrete_trace import INFO
-
+        if concrete.outputs is not None:  # it computed every value
+            graph.adopt_trace_values(INFO, concrete.outputs)
+        else:  # retried at another batch: its values are not the example's
             for node in gm.graph.nodes:
                 node.meta.pop(INFO, None)
-        graph.propagate_shapes()
+            graph.propagate_shapes()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return graph
 

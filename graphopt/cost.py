@@ -67,16 +67,30 @@ _QUANTIZED_STORAGE = (torch.int8, torch.uint8, torch.int32)
 
 def _storage(module: torch.nn.Module, recurse: bool) -> tuple[int, int]:
     """``(params, bytes)``: parameters plus quantized weights and biases (int8 / int32 buffers
-    other than zero points) count as params; bytes count every parameter and buffer."""
-    params = sum(p.numel() for p in module.parameters(recurse=recurse))
-    params += sum(
-        b.numel()
-        for name, b in module.named_buffers(recurse=recurse)
-        if (b.dtype in _QUANTIZED_STORAGE and "zero_point" not in name)
-        or (name == "bias" or name.endswith(".bias"))  # a quantized layer's float bias
-    )
-    nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
-    nbytes += sum(b.numel() * b.element_size() for b in module.buffers(recurse=recurse))
+    other than zero points) count as params; bytes count every parameter and buffer. A tensor
+    shared by several modules counts once, as ``named_parameters`` lists it.
+
+    One walk over the tree's parameter and buffer dicts: the four generator walks of
+    ``parameters()`` / ``named_buffers()`` cost ~8 ms on a 300-module network."""
+    params = nbytes = 0
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params += p.numel()
+                nbytes += p.numel() * p.element_size()
+        for name, b in m._buffers.items():
+            if b is None or id(b) in seen:
+                continue
+            seen.add(id(b))
+            nbytes += b.numel() * b.element_size()
+            if (b.dtype in _QUANTIZED_STORAGE and "zero_point" not in name) or name == "bias":
+                params += b.numel()  # quantized weights, and a quantized layer's float bias
+        if recurse:
+            stack += [c for c in m._modules.values() if c is not None]
     return params, nbytes
 
 

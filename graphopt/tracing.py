@@ -325,12 +325,13 @@ def trace(
         raise TraceError(f"unknown frontend {frontend!r}; use one of {', '.join(FRONTENDS)}")
     args, kwargs = _split_inputs(example_inputs)
     tensors, bound, order = _bind(model, args, kwargs)
-    deferred = DeferredParameters()  # cloned beside the trace, which only reads them
+    deferred = DeferredParameters()  # cloned beside the copy and the trace, which only read
+    deferred.start(model)
     try:
         root = copy_module(model, deferred=deferred)
     except Exception as e:  # pragma: no cover - exotic modules
+        deferred.wait()
         raise TraceError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
-    deferred.start()
     try:
         cap = _capture(model, root, deferred, tensors, bound, order, list(leaf_modules),
                        strict, frontend)  # fmt: skip

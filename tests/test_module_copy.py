@@ -93,3 +93,38 @@ def test_graph_module_goes_through_deepcopy():
     assert isinstance(c, torch.fx.GraphModule) and c.graph is not gm.graph
     x = torch.randn(2, 3)
     assert torch.equal(c(x), gm(x))
+
+
+def test_deferred_clones_started_before_the_copy():
+    """``start(model)`` foresees exactly the parameters the copy aliases (tied ones once, none
+    under a module copied by ``copy.deepcopy``), and the finished copy equals a deepcopy."""
+    from graphopt.module_copy import DeferredParameters
+
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.LSTM(4, 4), nn.Sequential(lin, nn.BatchNorm1d(4)))
+    deferred = DeferredParameters()
+    deferred.start(model)
+    foreseen = [id(p) for p in deferred._sources]
+    c = copy_module(model, deferred=deferred)
+    assert sorted(foreseen) == sorted(id(p) for _, p, _, _ in deferred._pairs)
+    assert len(foreseen) == 4  # lin (tied) and the norm's weight and bias; not the LSTM's
+    assert c[0].weight.data_ptr() == lin.weight.data_ptr()  # shared until finished
+    deferred.finish(c)
+    _same_copy(copy.deepcopy(model), c, model)
+
+
+@pytest.mark.parametrize("order", [("base", "view"), ("view", "base")])
+def test_buffer_views_share_the_copied_storage(order):
+    """Buffers are cloned directly where ``Tensor.__deepcopy__`` would give the same; a buffer
+    that is a view of another stays a view of the other's copy, in either order."""
+    base = torch.arange(6.0)
+    model = nn.Module()
+    for name in order:
+        model.register_buffer(name, base if name == "base" else base[2:4])
+    model.register_buffer("steps", torch.tensor(3))
+    ours, theirs = copy_module(model), copy.deepcopy(model)
+    for c in (ours, theirs):
+        c.base[2] = 100.0
+        assert c.view.tolist() == [100.0, 3.0]
+    assert model.view.tolist() == [2.0, 3.0] and ours.steps.item() == 3
+    _same_copy(copy.deepcopy(model), copy_module(model), model)

@@ -516,3 +516,55 @@ def test_conv1d_prunes_through_every_front_end(frontend):
     assert _rel_error(_run(g, (x,)), ref) < 1e-5
     assert tuple(g.module.up.weight.shape) == (E, 2 * E)
     assert _run(g, (torch.randn(3, 8, E),))[0].shape == (3, 8, E)  # the rewritten nf holds
+
+
+def _data_like(x: tuple, n: int = 3) -> list[tuple]:
+    """``n`` random batches of two samples shaped like the example inputs."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        out.append(
+            tuple(
+                torch.randint(0, 100, (2, *t.shape[1:]), generator=gen)
+                if not t.is_floating_point()
+                else torch.randn((2, *t.shape[1:]), generator=gen)
+                for t in x
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_activation_importance_finds_the_heads_whose_output_is_zero(name):
+    """A head whose v rows and bias are zero outputs exactly zero on any input: its
+    attention-output norm is 0 and every other head's is positive, so
+    ``importance=activation`` must remove exactly those heads, leaving the outputs unchanged,
+    even where their output-projection columns are large enough that ``l2`` keeps them."""
+    g, x = _trace(name)
+    ca = ChannelAnalysis(g)
+    units = _two_heads_per_layer(ca)
+    _silence(g, ca, units, rows=False)
+    for m in ca.members:  # large output-projection columns: by weights, these heads matter most
+        idx = np.nonzero(np.isin(ca.units_of(m), units))[0]
+        if m.kind == "in" and len(idx):
+            with torch.no_grad():
+                t = member_tensor(g.module, m)
+                t.index_copy_(m.dim, torch.as_tensor(idx), torch.randn_like(t).index_select(
+                    m.dim, torch.as_tensor(idx)) * 10)  # fmt: skip
+    ref = _run(g, x)
+    members = [ca.members[i] for i in _head_groups(ca)[0].members]
+    q0 = next(m for m in members if m.kind == "out" and m.param.endswith("weight"))
+    want_rows = np.nonzero(np.isin(ca.units_of(q0), units))[0].tolist()
+    l2 = graphopt.Pipeline.parse("prune(ratio=0.5,units=heads)").run(g.copy())
+    l2_plan = l2.reports[0].details["plan"]["rounds"][0]["members"]
+    l2_removed = next(
+        e for e in l2_plan if (e["owner"], e["param"], e["dim"]) == (q0.owner, q0.param, 0)
+    )
+    assert l2_removed["removed"] != want_rows  # the weights alone point elsewhere
+    r = graphopt.Pipeline.parse("prune(ratio=0.5,units=heads,importance=activation)").run(
+        g, data=_data_like(x)
+    )
+    plan = r.reports[0].details["plan"]["rounds"][0]["members"]
+    removed = next(e for e in plan if (e["owner"], e["param"], e["dim"]) == (q0.owner, q0.param, 0))
+    assert removed["removed"] == want_rows
+    assert _rel_error(_run(r.graph, x), ref) < 1e-5

@@ -2,7 +2,10 @@
 
 A unit's score combines its member scores (parameter slices along their pruned dim) with
 ``reduce`` (mean, sum or max): ``l1`` ``Σ|w|``, ``l2`` ``Σ w²``, ``bn-scale`` ``|γ|`` of the
-norm layers, ``taylor`` ``Σ|w · ∂L/∂w|`` over data batches (:func:`taylor_grads`), ``random``.
+norm layers, ``taylor`` ``Σ|w · ∂L/∂w|`` over data batches (:func:`taylor_grads`),
+``activation`` ``Σ E[x²]`` of what the unit feeds the layers reading it, on data batches
+(:func:`~graphopt.passes.prune.activation.activation_scores`; for a head, its
+attention-output norm), ``random``.
 """
 
 from __future__ import annotations
@@ -64,9 +67,15 @@ def _power(x: torch.Tensor, p: int, planes: dict[Any, Any] | None) -> torch.Tens
 
 
 def unit_scores(
-    ca: ChannelAnalysis, importance: str, reduce: str, grads: dict | None = None, seed: int = 0
+    ca: ChannelAnalysis,
+    importance: str,
+    reduce: str,
+    grads: dict | None = None,
+    seed: int = 0,
+    acts: dict | None = None,
 ) -> np.ndarray:
-    """A score per unit (NaN where the criterion has no opinion)."""
+    """A score per unit (NaN where the criterion has no opinion). ``grads`` feed ``taylor``,
+    ``acts`` (per input index of each ``"in"`` member) ``activation``."""
     n = ca.n_units
     if importance == "random":
         return np.random.default_rng(seed).random(n)
@@ -84,16 +93,19 @@ def unit_scores(
         units = ca.units_of(m)
         if not ca.unit_prunable[units].any():
             continue  # no unit of this member can go: its score is never read
-        t = member_tensor(gm, m, ca.modules)
-        if importance in ("l1", "bn-scale"):
-            s = _slice_scores(t, m.dim, 1, planes)
+        if importance == "activation":
+            s = (acts or {}).get((m.owner, m.param)) if m.kind == "in" else None
+            if s is None or len(s) != len(m.index_map):
+                continue  # not read in the graph, or read grouped (no opinion)
+        elif importance in ("l1", "bn-scale"):
+            s = _slice_scores(member_tensor(gm, m, ca.modules), m.dim, 1, planes)
         elif importance == "l2":
-            s = _slice_scores(t, m.dim, 2, planes)
+            s = _slice_scores(member_tensor(gm, m, ca.modules), m.dim, 2, planes)
         elif importance == "taylor":
             g = (grads or {}).get((m.owner, m.param))
             if g is None:
                 continue
-            s = _slice_scores(t.detach() * g, m.dim, 1)
+            s = _slice_scores(member_tensor(gm, m, ca.modules).detach() * g, m.dim, 1)
         else:  # pragma: no cover - validated by options
             raise ValueError(importance)
         per = np.bincount(units, weights=s, minlength=n)

@@ -10,7 +10,9 @@ dim): ``l1``: ``s_m(u) = Σ|w|``; ``l2``: ``s_m(u) = Σ w²``; ``bn-scale``: ``|
 layers in the group (groups without one are left whole); ``taylor``: ``Σ|w · ∂L/∂w|`` summed
 over the data batches (``L`` is the cross-entropy with the labels, or with the model's own
 predictions when the batches carry none, per token for ``[B, T, C]`` outputs; the first
-tensor of a tuple or dict output is read); ``random``. Member scores are combined with
+tensor of a tuple or dict output is read); ``activation``: ``Σ_j E[x_j²]`` over the input
+indices ``j`` of the unit in the layers reading it, on the data batches (for a head, the squared
+norm of its attention output; :mod:`.activation`); ``random``. Member scores are combined with
 ``reduce`` (mean, sum or max). ``scope=global`` ranks units of all groups together after
 dividing each group's scores by their mean. ``target=macs:F`` / ``params:F`` searches the
 ratio (bisection) until the pruned cost is within 2% of ``F`` times the original.
@@ -57,6 +59,7 @@ from graphopt.graph import Graph
 from graphopt.pass_api import Pass, PassContext, PassResult
 from graphopt.pipeline_text import parse_items
 
+from .activation import activation_scores
 from .importance import taylor_grads, unit_scores
 
 __all__ = [
@@ -70,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Importance = Literal["l1", "l2", "bn-scale", "taylor", "random"]
+Importance = Literal["l1", "l2", "bn-scale", "taylor", "activation", "random"]
 
 
 @dataclass(frozen=True)
@@ -255,14 +258,19 @@ def prune_once(
             continue
         groups.append(g)
     grads = taylor_grads(graph, ctx, opts.batches) if opts.importance == "taylor" else None
-    scores = unit_scores(ca, opts.importance, opts.reduce, grads, seed=opts.seed)
-    if opts.importance == "bn-scale":
+    acts = None
+    if opts.importance == "activation":
+        acts = activation_scores(graph, ctx, opts.batches, ca)
+    scores = unit_scores(ca, opts.importance, opts.reduce, grads, seed=opts.seed, acts=acts)
+    no_opinion = {
+        "bn-scale": "no norm layer (bn-scale)",
+        "activation": "no layer reads its channels one by one (activation)",
+    }.get(opts.importance)
+    if no_opinion is not None:
         for g in list(groups):
             if np.all(np.isnan(scores[g.units])):
                 groups.remove(g)
-                skipped.append(
-                    {"group": g.id, "producers": g.producers, "reason": "no norm layer (bn-scale)"}
-                )
+                skipped.append({"group": g.id, "producers": g.producers, "reason": no_opinion})
     chosen = select_units(ca, groups, scores, opts, ratio)
     removed_units = np.concatenate(list(chosen.values())) if chosen else np.zeros(0, dtype=np.int64)
     t2 = time.perf_counter()
@@ -355,15 +363,17 @@ class Prune(Pass):
 
     @classmethod
     def uses_data(cls, options: PruneOptions) -> bool:
-        """Taylor importance reads data (a ``between`` pipeline's needs the manager adds)."""
-        return options.importance == "taylor"
+        """Taylor and activation importance read data (a ``between`` pipeline's needs the
+        manager adds)."""
+        return options.importance in ("taylor", "activation")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         _check_ready(graph, opts)
-        if opts.importance == "taylor" and ctx.data is None:
+        if opts.importance in ("taylor", "activation") and ctx.data is None:
             raise DataError(
-                "prune: importance=taylor needs data (pipeline.run(graph, data=...), CLI --data)"
+                f"prune: importance={opts.importance} needs data "
+                "(pipeline.run(graph, data=...), CLI --data)"
             )
         params0 = sum(p.numel() for p in graph.module.parameters())
         ratio = opts.ratio

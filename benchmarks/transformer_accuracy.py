@@ -2,6 +2,8 @@
 distilled, evaluated in ONNX Runtime; and a trained encoder's sentence embeddings in int8.
 
     python benchmarks/transformer_accuracy.py [--epochs 30] [--distill-epochs 15] [--seed 0]
+                                              [--importance l2,activation,taylor]
+                                              [--ort-cpu EPYC-Rome]
 
 Two models nobody here designed, built from Hugging Face configs and trained here:
 
@@ -20,7 +22,12 @@ pruned + distilled + dynamic int8. Every row is the ONNX file graphopt writes, r
 **embedding**: the majority model's trained encoder (``BertModel``), mean-pooled over the
 sequence, as a sentence-embedding model: the cosine between the fp32 embedding and the int8
 one for each of the 2,000 test sequences (minimum and mean), for graphopt's dynamic int8 and
-for ORT's ``quantize_dynamic`` with its defaults on the same fp32 file.
+for ORT's ``quantize_dynamic`` with its defaults on the same fp32 file. With ``--ort-cpu NAME``
+both int8 models also run in ORT under qemu-user emulating that x86 CPU (``EPYC-Rome``: AVX2
+without VNNI, where ORT's u8 x s8 kernels can saturate; graphopt's gets ``target=avx2``).
+ORT's kernels choose their code from CPUID, so the emulated outputs are that CPU's.
+
+``--importance l2,activation,taylor`` adds the pruned rows once per importance criterion.
 """
 
 from __future__ import annotations
@@ -149,9 +156,10 @@ def embeddings(path: Path, x: torch.Tensor) -> np.ndarray:
     return np.concatenate(out)
 
 
-PRUNE = "prune(ratio=0.5,units=heads+channels)"
+PRUNE = "prune(ratio=0.5,units=heads+channels{})"
 """Half the heads and half of every FFN; the hidden width stays (``units=all`` would halve it
-too: the classifier reads the residual stream, so nothing locks it)."""
+too: the classifier reads the residual stream, so nothing locks it). ``{}``: the importance
+option (``--importance``; the data criteria read the training set)."""
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -166,6 +174,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="majority,digits-vit", help="which of the two to run")
     ap.add_argument("--features", default="", help='e.g. "attention,feature-loss=relation"')
+    ap.add_argument(
+        "--ort-cpu",
+        default="",
+        help="also run the embedding rows' int8 models in ORT under qemu-user emulating this x86 "
+        "CPU (e.g. EPYC-Rome: AVX2 without VNNI; needs `make qemu`)",
+    )
+    ap.add_argument(
+        "--importance",
+        default="l2",
+        help="prune importance criteria to compare, comma-separated (l2, activation, taylor, ...)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -178,12 +197,18 @@ def main() -> None:
         "fp32": "",
         "dynamic int8": "qdq(activations=dynamic)",
         "static int8": "qdq(batches=8)",
-        "pruned 50% heads+FFN": PRUNE,
-        f"pruned + distill({de})": f"{PRUNE},distill(epochs={de},lr=0.001{feats})",
-        f"pruned + distill({de}) + dynamic int8": (
-            f"{PRUNE},distill(epochs={de},lr=0.001{feats}),qdq(activations=dynamic)"
-        ),
     }
+    criteria = [c for c in args.importance.split(",") if c]
+    for crit in criteria:
+        prune = PRUNE.format("" if crit == "l2" else f",importance={crit}")
+        tag = "" if criteria == ["l2"] else f" ({crit})"
+        variants[f"pruned 50% heads+FFN{tag}"] = prune
+        variants[f"pruned + distill({de}){tag}"] = f"{prune},distill(epochs={de},lr=0.001{feats})"
+    prune = PRUNE.format("" if criteria[0] == "l2" else f",importance={criteria[0]}")
+    tag = "" if criteria == ["l2"] else f" ({criteria[0]})"
+    variants[f"pruned + distill({de}) + dynamic int8{tag}"] = (
+        f"{prune},distill(epochs={de},lr=0.001{feats}),qdq(activations=dynamic)"
+    )
     data = datasets(args.seed)
     rows = []
     trained = {}
@@ -235,6 +260,34 @@ def main() -> None:
                     f"{(c >= 0.99).mean():.4f}",
                 ]
             )
+        if args.ort_cpu:  # the same two quantizers, ORT on an emulated CPU
+            from quant_fidelity import emulation
+
+            emu = emulation()
+            print(f"# emulated: {emu.describe(args.ort_cpu)}")
+            target = "avx2" if "vnni" not in args.ort_cpu.lower() else "vnni"
+            ours_emu = variant(
+                encoder,
+                x_te,
+                data["majority"][3],
+                f"qdq(activations=dynamic,target={target})",
+                tmp / "enc-q-emu.onnx",
+            )
+            name = gort.session(fp32).get_inputs()[0].name
+            for label, path in (
+                (f"graphopt qdq(activations=dynamic,target={target})", ours_emu),
+                ("ORT quantize_dynamic", theirs),
+            ):
+                out = emu.run_ort_emulated(path, {name: x_te.numpy()}, args.ort_cpu, batch=256)
+                c = cosines(out[0].mean(axis=1), e32)
+                erows.append(
+                    [
+                        f"{label}, ORT on emulated {args.ort_cpu}",
+                        f"{c.min():.5f}",
+                        f"{statistics.mean(c.tolist()):.5f}",
+                        f"{(c >= 0.99).mean():.4f}",
+                    ]
+                )
         print()
         print(
             render(

@@ -37,6 +37,8 @@ _PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
 _plain_class: dict[type, bool] = {}
 _DEFERRED = "graphopt.deferred"
 """The memo key of a copy's :class:`DeferredParameters` (memo keys are otherwise ids)."""
+_STORAGES = "graphopt.storages"
+"""The memo key of the buffers cloned directly, by data pointer (see :func:`_buffer`)."""
 
 
 def copy_module(
@@ -93,10 +95,9 @@ class DeferredParameters:
         # torch call releases the GIL, and a thread that wants it back while the caller runs
         # Python waits a switch interval (5 ms) each time. The clones are allocated here,
         # untouched (no page faults yet), in about a millisecond.
-        sources = [p.detach() for p in self._sources]
-        clones = [torch.empty_like(s) for s in sources]
+        clones = [torch.empty_like(p, requires_grad=False) for p in self._sources]
         self._thread = threading.Thread(
-            target=self._clone, args=(clones, sources), name="graphopt-copy", daemon=True
+            target=self._clone, args=(clones, self._sources), name="graphopt-copy", daemon=True
         )
         self._thread.start()
 
@@ -199,15 +200,22 @@ def _copy(m: nn.Module, memo: dict[int, Any]) -> Any:
 
 def _buffer(b: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
     """``copy.deepcopy(b, memo)``; a plain dense tensor that fills its own storage is cloned
-    directly (``Tensor.__deepcopy__`` costs ~25 µs of Python per tensor: batch-norm
-    statistics are three per layer), with its storage entered in the memo where
-    ``__deepcopy__`` looks, so views of it copied later still share the clone's storage."""
+    directly (``Tensor.__deepcopy__`` costs ~25 µs of Python per tensor, and keeps two storage
+    objects per tensor alive in the memo: batch-norm statistics are three per layer).
+
+    Views stay views: the clones are listed by data pointer (``memo[_STORAGES]``), and a
+    buffer that ``copy.deepcopy`` copies (a view) finds its base's clone there, entered in the
+    memo where ``Tensor.__deepcopy__`` looks for copied storages; a base whose view came first
+    goes to ``copy.deepcopy`` too, which shares the view's copy."""
     done = memo.get(id(b))
     if done is not None:
         return done
+    copied = memo.setdefault(_STORAGES, {})
     if (
         type(b) is torch.Tensor
         and b.layout is torch.strided
+        and b.device.type == "cpu"
+        and b.numel() > 0
         and not b.requires_grad
         and b.grad is None
         and not b.is_quantized
@@ -216,16 +224,19 @@ def _buffer(b: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
         and b.storage_offset() == 0
         and b.is_contiguous()
         and not b.__dict__
+        and b.data_ptr() not in copied
+        and b.untyped_storage().nbytes() == b.numel() * b.element_size()
     ):
-        storage, copied = b.untyped_storage(), memo.setdefault("torch", {})
-        if (
-            storage.nbytes() == b.numel() * b.element_size()
-            and b.device.type == "cpu"
-            and storage._cdata not in copied  # else a view of it came first: share that copy
-        ):
-            new = memo[id(b)] = b.clone()
-            copied[storage._cdata] = new.untyped_storage()
-            return new
+        new = memo[id(b)] = copied[b.data_ptr()] = b.clone()
+        return new
+    if type(b) is torch.Tensor and b.layout is torch.strided and b.device.type == "cpu":
+        storage = b.untyped_storage()
+        base = copied.get(storage.data_ptr())
+        if base is not None:  # a view of a buffer cloned above: share its clone's storage
+            memo.setdefault("torch", {})[storage._cdata] = base.untyped_storage()
+        new = copy.deepcopy(b, memo)
+        copied.setdefault(storage.data_ptr(), None)  # copied by deepcopy: no direct clone
+        return new
     return copy.deepcopy(b, memo)
 
 

@@ -116,7 +116,9 @@ class PruneOptions:
             "pipeline": True,
         },
     )
-    batches: int = field(default=4, metadata={"help": "data batches used by taylor importance"})
+    batches: int = field(
+        default=4, metadata={"help": "data batches used by taylor and activation importance"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for random importance"})
 
     def __post_init__(self) -> None:

@@ -83,14 +83,10 @@ class DeferredParameters:
         self._pairs.append((a, p, a._version, p._version))
         return a
 
-    def start(self, model: nn.Module | None = None) -> None:
-        """Start cloning on a thread: the parameters :func:`copy_module` will alias in
-        ``model`` (called before the copy, so the clones run beside the copy too), or those it
-        aliased (called after)."""
-        if model is not None:
-            self._sources = _aliased_parameters(model)
-        else:
-            self._sources = [p for _, p, _, _ in self._pairs]
+    def start(self, model: nn.Module) -> None:
+        """Start cloning, on a thread, the parameters :func:`copy_module` aliases in ``model``
+        (called before the copy, the clones run beside the copy too)."""
+        self._sources = _aliased_parameters(model)
         # The thread makes one torch call, so it needs the GIL only to start and end: every
         # torch call releases the GIL, and a thread that wants it back while the caller runs
         # Python waits a switch interval (5 ms) each time. The clones are allocated here,
@@ -210,12 +206,11 @@ def _buffer(b: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
     done = memo.get(id(b))
     if done is not None:
         return done
+    if type(b) is not torch.Tensor or b.layout is not torch.strided or b.device.type != "cpu":
+        return copy.deepcopy(b, memo)
     copied = memo.setdefault(_STORAGES, {})
     if (
-        type(b) is torch.Tensor
-        and b.layout is torch.strided
-        and b.device.type == "cpu"
-        and b.numel() > 0
+        b.numel() > 0
         and not b.requires_grad
         and b.grad is None
         and not b.is_quantized
@@ -229,15 +224,13 @@ def _buffer(b: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
     ):
         new = memo[id(b)] = copied[b.data_ptr()] = b.clone()
         return new
-    if type(b) is torch.Tensor and b.layout is torch.strided and b.device.type == "cpu":
-        storage = b.untyped_storage()
-        base = copied.get(storage.data_ptr())
-        if base is not None:  # a view of a buffer cloned above: share its clone's storage
-            memo.setdefault("torch", {})[storage._cdata] = base.untyped_storage()
-        new = copy.deepcopy(b, memo)
-        copied.setdefault(storage.data_ptr(), None)  # copied by deepcopy: no direct clone
-        return new
-    return copy.deepcopy(b, memo)
+    storage = b.untyped_storage()
+    base = copied.get(storage.data_ptr())
+    if base is not None:  # a view of a buffer cloned above: share its clone's storage
+        memo.setdefault("torch", {})[storage._cdata] = base.untyped_storage()
+    new = copy.deepcopy(b, memo)
+    copied.setdefault(storage.data_ptr(), None)  # copied by deepcopy: no direct clone
+    return new
 
 
 def _param(p: nn.Parameter | None, memo: dict[Any, Any]) -> nn.Parameter | None:

@@ -335,7 +335,7 @@ def test_deferred_parameters_refuse_a_copy_written_before_its_clone():
     deferred = DeferredParameters()
     copy = copy_module(model, deferred=deferred)
     assert copy[0].weight.data_ptr() == model[0].weight.data_ptr()  # shared until finished
-    deferred.start()
+    deferred.start(model)
     deferred.finish(copy)
     assert copy[0].weight.data_ptr() != model[0].weight.data_ptr()
     assert all(torch.equal(p, q) for p, q in zip(copy.parameters(), model.parameters()))
@@ -356,7 +356,7 @@ def test_tied_parameters_stay_tied_through_a_deferred_copy():
     model[1].weight = model[0].weight
     deferred = DeferredParameters()
     copy = copy_module(model, deferred=deferred)
-    deferred.start()
+    deferred.start(model)
     deferred.finish(copy)
     assert copy[1].weight is copy[0].weight
     assert copy[0].weight.data_ptr() != model[0].weight.data_ptr()

@@ -372,7 +372,7 @@ class Prune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         _check_ready(graph, opts)
-        if opts.importance in ("taylor", "activation") and ctx.data is None:
+        if self.uses_data(opts) and ctx.data is None:
             raise DataError(
                 f"prune: importance={opts.importance} needs data "
                 "(pipeline.run(graph, data=...), CLI --data)"

@@ -162,6 +162,21 @@ too: the classifier reads the residual stream, so nothing locks it). ``{}``: the
 option (``--importance``; the data criteria read the training set)."""
 
 
+def prune_text(criterion: str) -> str:
+    """:data:`PRUNE` with ``criterion`` as its importance (``l2``, the default, unnamed)."""
+    return PRUNE.format("" if criterion == "l2" else f",importance={criterion}")
+
+
+def cosine_row(label: str, c: np.ndarray) -> list[str]:
+    """A row of the embedding table: the cosines' minimum, mean and share >= 0.99."""
+    return [
+        label,
+        f"{c.min():.5f}",
+        f"{statistics.mean(c.tolist()):.5f}",
+        f"{(c >= 0.99).mean():.4f}",
+    ]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -199,15 +214,17 @@ def main() -> None:
         "static int8": "qdq(batches=8)",
     }
     criteria = [c for c in args.importance.split(",") if c]
-    for crit in criteria:
-        prune = PRUNE.format("" if crit == "l2" else f",importance={crit}")
-        tag = "" if criteria == ["l2"] else f" ({crit})"
-        variants[f"pruned 50% heads+FFN{tag}"] = prune
-        variants[f"pruned + distill({de}){tag}"] = f"{prune},distill(epochs={de},lr=0.001{feats})"
-    prune = PRUNE.format("" if criteria[0] == "l2" else f",importance={criteria[0]}")
-    tag = "" if criteria == ["l2"] else f" ({criteria[0]})"
-    variants[f"pruned + distill({de}) + dynamic int8{tag}"] = (
-        f"{prune},distill(epochs={de},lr=0.001{feats}),qdq(activations=dynamic)"
+    distill = f"distill(epochs={de},lr=0.001{feats})"
+
+    def tag(c: str) -> str:  # the rows name their criterion when there is a choice
+        return "" if criteria == ["l2"] else f" ({c})"
+
+    for c in criteria:
+        variants[f"pruned 50% heads+FFN{tag(c)}"] = prune_text(c)
+        variants[f"pruned + distill({de}){tag(c)}"] = f"{prune_text(c)},{distill}"
+    first = criteria[0]
+    variants[f"pruned + distill({de}) + dynamic int8{tag(first)}"] = (
+        f"{prune_text(first)},{distill},qdq(activations=dynamic)"
     )
     data = datasets(args.seed)
     rows = []
@@ -251,21 +268,14 @@ def main() -> None:
             ("graphopt qdq(activations=dynamic)", ours),
             ("ORT quantize_dynamic", theirs),
         ):
-            c = cosines(embeddings(path, x_te), e32)
-            erows.append(
-                [
-                    label,
-                    f"{c.min():.5f}",
-                    f"{statistics.mean(c.tolist()):.5f}",
-                    f"{(c >= 0.99).mean():.4f}",
-                ]
-            )
+            erows.append(cosine_row(label, cosines(embeddings(path, x_te), e32)))
         if args.ort_cpu:  # the same two quantizers, ORT on an emulated CPU
             from quant_fidelity import emulation
 
             emu = emulation()
             print(f"# emulated: {emu.describe(args.ort_cpu)}")
-            target = "avx2" if "vnni" not in args.ort_cpu.lower() else "vnni"
+            cpuid = emu.emulated_features(args.ort_cpu)  # what MLAS will see, not the CPU's name
+            target = "vnni" if cpuid.get("AVX512VNNI") or cpuid.get("AVX_VNNI") else "avx2"
             ours_emu = variant(
                 encoder,
                 x_te,
@@ -280,14 +290,7 @@ def main() -> None:
             ):
                 out = emu.run_ort_emulated(path, {name: x_te.numpy()}, args.ort_cpu, batch=256)
                 c = cosines(out[0].mean(axis=1), e32)
-                erows.append(
-                    [
-                        f"{label}, ORT on emulated {args.ort_cpu}",
-                        f"{c.min():.5f}",
-                        f"{statistics.mean(c.tolist()):.5f}",
-                        f"{(c >= 0.99).mean():.4f}",
-                    ]
-                )
+                erows.append(cosine_row(f"{label}, ORT on emulated {args.ort_cpu}", c))
         print()
         print(
             render(

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from graphopt.channels import ChannelAnalysis
 from graphopt.errors import DataError
-from graphopt.graph import Graph
+from graphopt.graph import Graph, find_module
 from graphopt.pass_api import PassContext
 
 __all__ = ["activation_scores"]
@@ -52,11 +52,10 @@ def activation_scores(
         for m in ca.members
         if m.kind == "in" and ca.unit_prunable[ca.units_of(m)].any()
     }
-    modules = dict(gm.named_modules())
     watch: dict[fx.Node, tuple[tuple[str, str], int, nn.Module | None]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            mod = modules[str(node.target)]
+            mod = find_module(gm, ca.modules, str(node.target))
             key = (str(node.target), "weight")
             if isinstance(mod, nn.MultiheadAttention):
                 key = (f"{node.target}.out_proj", "weight")
@@ -116,18 +115,17 @@ class _Capture(fx.Interpreter):
 
 
 def _identity_projection(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
-    """A twin of ``mha`` sharing every parameter but an identity ``out_proj`` (no bias): its
-    output is the heads' outputs side by side, what ``mha.out_proj`` reads."""
+    """A twin of ``mha`` sharing every parameter but ``out_proj``, an identity (with a zero
+    bias where ``mha``'s has one): its output is the heads' outputs side by side, what
+    ``mha.out_proj`` reads."""
     twin = nn.MultiheadAttention.__new__(type(mha))
     twin.__dict__ = dict(mha.__dict__)
     twin._modules = dict(mha._modules)
-    e = mha.embed_dim
+    e, dtype = mha.embed_dim, mha.out_proj.weight.dtype
     eye = nn.Linear(e, e, bias=mha.out_proj.bias is not None)
-    with torch.no_grad():
-        w = mha.out_proj.weight
-        eye.weight = nn.Parameter(torch.eye(e, dtype=w.dtype), requires_grad=False)
-        if eye.bias is not None:
-            eye.bias = nn.Parameter(torch.zeros(e, dtype=w.dtype), requires_grad=False)
+    eye.weight = nn.Parameter(torch.eye(e, dtype=dtype), requires_grad=False)
+    if eye.bias is not None:
+        eye.bias = nn.Parameter(torch.zeros(e, dtype=dtype), requires_grad=False)
     twin._modules["out_proj"] = eye
     twin.eval()
     return twin
